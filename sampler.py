@@ -1,0 +1,200 @@
+"""
+Batched generation with a preallocated KV cache (the gpt-fast recipe), and its slow twin.
+
+    out = generate(model, [[5, 9, 2], [7]], max_new_tokens=32, temperature=1.0, stop_tokens=[eos])
+    out.tokens    # (B, N) long: sampled tokens, padding after a row stopped
+    out.logprobs  # (B, N) float32: log-prob of each token under the distribution it was drawn from
+    out.lengths   # (B,) long: generated tokens per row, the stop token included
+
+Ragged prompts are right-padded and every row keeps its own positions: row b's prompt sits at
+positions 0..L_b-1 and its t-th new token at position L_b + t. The cache has one slot per
+position, so a row's new key/value overwrites the padding slot at that position before any query
+can see it (a query at position p sees slots 0..p of its own row, model.GPT.hidden builds that
+mask). Masks for the caller come from `lengths`, never from comparing tokens with a pad id.
+
+`use_cache=False` recomputes the full forward over every sequence at every step: slow and
+obviously correct; the tests compare the two.
+"""
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+
+class KVCache:
+    """Keys and values for every layer, allocated once for (batch, max_len) and written in place
+    at each token's position: no torch.cat growth, so a decode step costs the same at any position."""
+
+    def __init__(self, n_layer, batch_size, n_head, max_len, head_dim, dtype=torch.float32, device="cpu"):
+        shape = (n_layer, batch_size, n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.rows = torch.arange(batch_size, device=device)[:, None]  # (B, 1)
+
+    @classmethod
+    def for_model(cls, model, batch_size, max_len):
+        cfg = model.config
+        if max_len > cfg.block_size:
+            raise ValueError(f"KVCache: max_len {max_len} exceeds the model's block_size {cfg.block_size}")
+        p = next(model.parameters())
+        return cls(cfg.n_layer, batch_size, cfg.n_head, max_len, cfg.n_embd // cfg.n_head, p.dtype, p.device)
+
+    def update(self, layer, k, v, positions):
+        """k, v (B, H, T, D) go to slots `positions` (B, T); returns the layer's whole cache
+        (B, H, max_len, D). Indexing [rows, :, positions] puts the (B, T) index dims first."""
+        self.k[layer][self.rows, :, positions] = k.transpose(1, 2)
+        self.v[layer][self.rows, :, positions] = v.transpose(1, 2)
+        return self.k[layer], self.v[layer]
+
+
+def prefill(model, cache, idx, lengths):
+    """Run the right-padded prompts idx (B, T) through the model, filling the cache.
+    Returns float32 logits (B, V) at each row's last prompt token (position lengths - 1)."""
+    B, T = idx.shape
+    positions = torch.arange(T, device=idx.device).expand(B, T)
+    h = model.hidden(idx, positions=positions, cache=cache)  # (B, T, C)
+    last = h[torch.arange(B, device=idx.device), lengths - 1]  # (B, C): lm_head on B rows, not B*T
+    return model.lm_head(last).float()
+
+
+def decode_one_token(model, cache, tok, pos):
+    """Feed one token per row, tok (B,) at positions pos (B,). Returns float32 logits (B, V)."""
+    h = model.hidden(tok[:, None], positions=pos[:, None], cache=cache)
+    return model.lm_head(h[:, 0]).float()
+
+
+def full_forward(model, seq, pos):
+    """The slow twin of decode_one_token: recompute everything in seq (B, S) and return float32
+    logits (B, V) at each row's position pos (B,). Causal attention means the right padding
+    beyond a row's end cannot change its logits."""
+    h = model.hidden(seq)
+    return model.lm_head(h[torch.arange(seq.size(0), device=seq.device), pos]).float()
+
+
+def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
+    """logits (B, V) -> logits / T with the tokens outside top-k / top-p set to -inf (in that
+    order, as most libraries do). top-p keeps the smallest set of most likely tokens whose mass
+    reaches p (nucleus sampling, arXiv 1904.09751); the most likely token is always kept."""
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        drop_sorted = mass_before >= top_p  # first column has mass_before 0, so it is never dropped
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Draw one token per row from float32 logits (B, V). Returns (tokens (B,), logprobs (B,)),
+    the log-prob under the filtered distribution the token was drawn from. temperature=0 is
+    greedy: the distribution is a point mass, so its log-prob is 0."""
+    if temperature == 0:
+        return logits.argmax(dim=-1), torch.zeros(logits.size(0), device=logits.device)
+    logp = F.log_softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
+    tok = torch.multinomial(logp.exp(), 1, generator=generator)  # (B, 1)
+    return tok[:, 0], logp.gather(-1, tok)[:, 0]
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor    # (B, N) long, pad_id after a row's length
+    logprobs: torch.Tensor  # (B, N) float32, 0 after a row's length
+    lengths: torch.Tensor   # (B,) long, stop token included
+
+    def completions(self):
+        """The generated token ids of each row as lists, cut at their lengths."""
+        return [row[:n].tolist() for row, n in zip(self.tokens.cpu(), self.lengths.cpu())]
+
+    def mask(self):
+        """(B, N) float mask: 1 on generated tokens (stop token included), 0 on padding."""
+        N = self.tokens.size(1)
+        return (torch.arange(N, device=self.lengths.device)[None, :] < self.lengths[:, None]).float()
+
+
+def _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_id):
+    V, block = model.config.vocab_size, model.config.block_size
+    if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
+        raise ValueError("generate: prompts must be a non-empty list of token-id lists")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"generate: prompt {i} is empty; give at least one token (e.g. BOS)")
+        if len(p) > block:
+            raise ValueError(f"generate: prompt {i} has {len(p)} tokens, longer than block_size {block}")
+        if min(p) < 0 or max(p) >= V:
+            raise ValueError(f"generate: prompt {i} has a token id outside [0, {V})")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > block:
+        raise ValueError(f"generate: the longest prompt ({longest} tokens) + max_new_tokens "
+                         f"({max_new_tokens}) = {longest + max_new_tokens} positions, beyond the "
+                         f"cache the model allows (block_size {block}); shorten one of them")
+    if temperature < 0:
+        raise ValueError(f"generate: temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"generate: top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
+    for t in list(stop_tokens) + [pad_id]:
+        if not 0 <= t < V:
+            raise ValueError(f"generate: stop/pad token {t} is outside the vocabulary [0, {V})")
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+             stop_tokens=(), seed=None, use_cache=True, pad_id=0, progress=False):
+    """Sample continuations of `prompts` (a list of token-id lists, any lengths). Stopping is per
+    row (the stop token is kept and counted in lengths); the loop ends when every row stopped.
+    seed makes the draw reproducible; the model is put in eval mode for the call."""
+    _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_id)
+    device = next(model.parameters()).device
+    B, N = len(prompts), max_new_tokens
+    lens = torch.tensor([len(p) for p in prompts], device=device)
+    T = int(lens.max())
+    seq = torch.full((B, T + N), pad_id, dtype=torch.long, device=device)  # prompt + new tokens
+    for b, p in enumerate(prompts):
+        seq[b, :len(p)] = torch.tensor(p, dtype=torch.long)
+    rows = torch.arange(B, device=device)
+    generator = torch.Generator(device=device)
+    if seed is not None:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()
+    stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
+
+    tokens = torch.full((B, N), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(B, N, device=device)
+    lengths = torch.full((B,), N, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+
+    was_training = model.training
+    model.eval()
+    if use_cache:
+        cache = KVCache.for_model(model, B, T + N)
+        logits = prefill(model, cache, seq[:, :T], lens)
+    else:
+        logits = full_forward(model, seq[:, :T], lens - 1)
+    for t in tqdm(range(N), desc="generate", disable=not progress):
+        tok, lp = sample_next(logits, temperature, top_k, top_p, generator)
+        tokens[:, t] = torch.where(done, pad_id, tok)
+        logprobs[:, t] = torch.where(done, 0.0, lp)
+        stopped = ~done & torch.isin(tok, stop)
+        lengths = torch.where(stopped, t + 1, lengths)
+        done |= stopped
+        if t == N - 1 or (len(stop) and bool(done.all())):
+            break
+        pos = lens + t  # where this step's token sits
+        seq[rows, pos] = tokens[:, t]
+        if use_cache:
+            logits = decode_one_token(model, cache, tokens[:, t], pos)
+        else:
+            logits = full_forward(model, seq[:, :T + t + 1], pos)
+    model.train(was_training)
+    return Generation(tokens, logprobs, lengths)

@@ -1,0 +1,191 @@
+import json
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from model import GPT, GPTConfig
+from sampler import KVCache
+
+
+def tiny(pos="learned", **kw):
+    cfg = dict(vocab_size=37, block_size=24, n_layer=2, n_head=2, n_embd=16, pos=pos)
+    cfg.update(kw)
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**cfg))
+
+
+def test_forward_shapes_and_loss_ignores_minus_100():
+    m = tiny()
+    idx = torch.randint(0, 37, (3, 10))
+    targets = torch.randint(0, 37, (3, 10))
+    targets[0, :4] = -100
+    targets[2, 7:] = -100
+    logits, loss = m(idx, targets)
+    assert logits.shape == (3, 10, 37)
+    keep = targets != -100
+    by_hand = -F.log_softmax(logits, -1)[keep].gather(-1, targets[keep][:, None]).mean()
+    assert torch.allclose(loss, by_hand, atol=1e-6)
+    assert m(idx)[1] is None
+
+
+def test_config_rejects_bad_fields():
+    with pytest.raises(ValueError, match="unknown field.*n_layers"):
+        GPTConfig.from_dict(dict(n_layers=2))
+    with pytest.raises(ValueError, match="pos must be one of"):
+        GPTConfig(pos="alibi")
+    with pytest.raises(ValueError, match="not divisible"):
+        GPTConfig(n_embd=10, n_head=3)
+    with pytest.raises(ValueError, match="positive int"):
+        GPTConfig(n_layer=0)
+
+
+def test_sequence_longer_than_block_size_is_an_error():
+    m = tiny()
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        m(torch.zeros(1, 25, dtype=torch.long))
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope", "none"])
+def test_embeds_path_equals_token_path(pos):
+    m = tiny(pos).eval()
+    idx = torch.randint(0, 37, (2, 9))
+    h_idx = m.hidden(idx)
+    h_emb = m.hidden(embeds=m.transformer.wte(idx))
+    assert h_idx.shape == (2, 9, 16)
+    assert torch.equal(h_idx, h_emb)
+    with pytest.raises(ValueError, match="exactly one"):
+        m.hidden(idx, embeds=m.transformer.wte(idx))
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope", "none"])
+def test_cached_chunks_equal_full_forward(pos):
+    """Prefill a chunk, then feed the rest one token at a time (and a 2-token chunk, as Coconut
+    will): hidden states equal the full causal forward."""
+    m = tiny(pos).double().eval()
+    idx = torch.randint(0, 37, (3, 12))
+    full = m.hidden(idx)
+    cache = KVCache.for_model(m, 3, 12)
+    pos_all = torch.arange(12).expand(3, 12)
+    parts = [m.hidden(idx[:, :5], positions=pos_all[:, :5], cache=cache)]
+    for t in range(5, 10):
+        parts.append(m.hidden(idx[:, t:t + 1], positions=pos_all[:, t:t + 1], cache=cache))
+    parts.append(m.hidden(idx[:, 10:], positions=pos_all[:, 10:], cache=cache))
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-10)
+
+
+def test_how_each_position_scheme_sees_positions():
+    """A uniform shift of positions changes learned (absolute) outputs only; RoPE is relative and
+    NoPE has none. A gap in the positions changes learned and RoPE outputs, not NoPE's."""
+    expect = {"learned": (True, True), "rope": (False, True), "none": (False, False)}
+    for pos, (shift_changes, gap_changes) in expect.items():
+        m = tiny(pos).double().eval()
+        idx = torch.randint(0, 37, (1, 6))
+        a = m.hidden(idx, positions=torch.arange(6)[None])
+        shifted = m.hidden(idx, positions=torch.arange(6)[None] + 3)
+        gapped = m.hidden(idx, positions=torch.tensor([[0, 1, 2, 7, 8, 9]]))
+        assert (not torch.allclose(a, shifted)) == shift_changes, pos
+        assert (not torch.allclose(a, gapped)) == gap_changes, pos
+
+
+def test_rope_rotation_preserves_relative_positions():
+    """q.k after RoPE depends only on the position difference (RoFormer eq. 16)."""
+    m = tiny("rope").double()
+    rot = m.transformer.h[0].attn.rotary
+    q, k = torch.randn(1, 1, 1, 8, dtype=torch.float64), torch.randn(1, 1, 1, 8, dtype=torch.float64)
+    def dot(i, j):
+        return (rot(q, torch.tensor([[i]])) * rot(k, torch.tensor([[j]]))).sum()
+    assert torch.allclose(dot(7, 3), dot(14, 10))
+    assert not torch.allclose(dot(7, 3), dot(7, 5))
+
+
+def test_configure_optimizers_groups():
+    m = tiny()
+    opt = m.configure_optimizers(weight_decay=0.1, learning_rate=1e-3)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in m.parameters())  # each parameter once (wte tied)
+
+
+def test_estimate_mfu_hand_computed():
+    # L=1, C=4, H=2, V=8, T=3. Non-embedding params (wte counted, tied; wpe not):
+    # wte 32 + ln_1 8 + c_attn 60 + c_proj 20 + ln_2 8 + c_fc 80 + mlp.c_proj 68 + ln_f 8 = 284.
+    # FLOPs/token = 6*284 + 12*L*H*(C/H)*T = 1704 + 144 = 1848; per fwd-bwd 1848*3 = 5544; x2 iters.
+    m = GPT(GPTConfig(vocab_size=8, block_size=3, n_layer=1, n_head=2, n_embd=4))
+    assert m.get_num_params() == 284
+    assert math.isclose(m.estimate_mfu(fwdbwd_per_iter=2, dt=1.0, peak_flops=11088), 1.0)
+
+
+# ---- GPT-2 interop ------------------------------------------------------------------------
+
+def test_hf_round_trip(tmp_path):
+    m = tiny()
+    m.save_hf(tmp_path / "ckpt")
+    cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert cfg["model_type"] == "gpt2" and cfg["n_positions"] == 24
+    m2 = GPT.from_hf(tmp_path / "ckpt")
+    sd, sd2 = m.state_dict(), m2.state_dict()
+    assert sd.keys() == sd2.keys()
+    assert all(torch.equal(sd[k], sd2[k]) for k in sd)
+    idx = torch.randint(0, 37, (2, 8))
+    assert torch.equal(m(idx)[0], m2(idx)[0])
+
+
+def test_hf_round_trip_without_bias_is_exact(tmp_path):
+    m = tiny(bias=False).eval()
+    m.save_hf(tmp_path)
+    m2 = GPT.from_hf(tmp_path).eval()
+    idx = torch.randint(0, 37, (2, 8))
+    assert torch.allclose(m(idx)[0], m2(idx)[0], atol=1e-6)
+
+
+def test_save_hf_refuses_non_gpt2_shapes(tmp_path):
+    with pytest.raises(ValueError, match="pos='learned'"):
+        tiny("rope").save_hf(tmp_path)
+
+
+def test_from_hf_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        GPT.from_hf(tmp_path)
+    tiny().save_hf(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["n_layer"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="missing.*h.2"):
+        GPT.from_hf(tmp_path)
+    cfg.update(n_layer=2, model_type="llama")
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="model_type"):
+        GPT.from_hf(tmp_path)
+
+
+def test_logits_match_transformers_gpt2(tmp_path):
+    """Our checkpoint loads into transformers' GPT2LMHeadModel with the same logits, and a
+    checkpoint written by transformers loads into ours with the same logits (1e-5)."""
+    transformers = pytest.importorskip("transformers")
+    m = tiny().eval()
+    with torch.no_grad():  # weights large enough that GELU's tanh vs erf form (1e-3) shows
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    m.save_hf(tmp_path / "ours")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "ours").eval()
+    idx = torch.randint(0, 37, (2, 11))
+    with torch.no_grad():
+        ref = hf(idx).logits
+        ours = m(idx)[0]
+    assert (ours - ref).abs().max() < 1e-5
+
+    torch.manual_seed(1)
+    hf2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=37, n_positions=24, n_embd=16, n_layer=2, n_head=2, bos_token_id=0,
+        eos_token_id=0)).eval()
+    with torch.no_grad():
+        for p in hf2.parameters():
+            p.normal_(0, 0.3)
+    hf2.save_pretrained(tmp_path / "theirs", safe_serialization=True)
+    m2 = GPT.from_hf(tmp_path / "theirs").eval()
+    with torch.no_grad():
+        assert (m2(idx)[0] - hf2(idx).logits).abs().max() < 1e-5

@@ -8,7 +8,7 @@ NPROC ?= 2
 
 setup:
 	python3 -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel
+	$(VENV)/bin/python -m pip install -q setuptools wheel
 	$(VENV)/bin/python -m pip install -q -r requirements.txt
 	$(VENV)/bin/python -m pip install -q --no-build-isolation -e .
 	@$(VENV)/bin/python -c "import torch, model, sampler; print('setup ok: torch', torch.__version__)"

@@ -198,3 +198,33 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
             logits = full_forward(model, seq[:, :T + t + 1], pos)
     model.train(was_training)
     return Generation(tokens, logprobs, lengths)
+
+
+# ---- text in, text out: what the algorithm scripts call -------------------------------------
+
+def sample_texts(model, tokenizer, prompts, max_new_tokens, **kwargs):
+    """BOS + prompt -> generate until EOS -> text. Returns (Generation, texts, finished): texts
+    without the EOS; finished[i] is False when row i hit max_new_tokens before emitting EOS.
+    kwargs go to generate (temperature, top_k, top_p, seed, ...)."""
+    ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+    out = generate(model, ids, max_new_tokens, stop_tokens=[tokenizer.eos_id], pad_id=tokenizer.pad_id, **kwargs)
+    texts, finished = [], []
+    for comp in out.completions():
+        done = len(comp) > 0 and comp[-1] == tokenizer.eos_id
+        texts.append(tokenizer.decode(comp[:-1] if done else comp))
+        finished.append(done)
+    return out, texts, finished
+
+
+def evaluate(model, tokenizer, problems, reward_fn, max_new_tokens, batch_size=256, **kwargs):
+    """Greedy (unless kwargs say otherwise) completions of problems [{"prompt": ...}], scored by
+    reward_fn(prompt, text); a completion that never emitted EOS scores 0. Returns accuracy (the
+    mean reward) and the mean number of generated tokens per answer (EOS included)."""
+    kwargs.setdefault("temperature", 0.0)
+    total, tokens = 0.0, 0
+    for i in range(0, len(problems), batch_size):
+        prompts = [p["prompt"] for p in problems[i:i + batch_size]]
+        out, texts, finished = sample_texts(model, tokenizer, prompts, max_new_tokens, **kwargs)
+        total += sum(reward_fn(p, t) if f else 0.0 for p, t, f in zip(prompts, texts, finished))
+        tokens += int(out.lengths.sum())
+    return {"accuracy": total / len(problems), "mean_tokens": tokens / len(problems)}

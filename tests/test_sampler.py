@@ -25,12 +25,12 @@ RAGGED = [[3, 7, 1, 4, 4, 9], [5], [8, 2, 6], [1, 1, 2, 3, 5, 8, 13, 21, 4]]
 def full_logprobs(model, prompts, out, temperature):
     """Reference: for each row, one full forward over prompt + completion, log_softmax(logits/T)
     at the position before each generated token."""
-    rows = []
+    rows, device = [], next(model.parameters()).device
     for p, comp in zip(prompts, out.completions()):
-        seq = torch.tensor([p + comp])
-        logits = model(seq)[0][0, len(p) - 1:len(p) - 1 + len(comp)]
-        lp = F.log_softmax(logits.float() / temperature, -1).gather(-1, torch.tensor(comp)[:, None])[:, 0]
-        rows.append(lp)
+        with torch.no_grad():
+            logits = model(torch.tensor([p + comp], device=device))[0][0, len(p) - 1:len(p) - 1 + len(comp)]
+        lp = F.log_softmax(logits.float() / temperature, -1)
+        rows.append(lp.cpu().gather(-1, torch.tensor(comp)[:, None])[:, 0])
     return rows
 
 
@@ -176,3 +176,15 @@ def test_bad_input_raises_clear_error(kwargs, msg):
 def test_cache_larger_than_block_size_is_an_error():
     with pytest.raises(ValueError, match="exceeds the model's block_size"):
         KVCache.for_model(tiny(), 2, 41)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_cuda_cached_logprobs_match_full_forward(dtype, atol):
+    """On the GPU, in float32 and bf16: cached sampling log-probs agree with a full forward in
+    the same dtype (bf16 rounds differently between the two paths, hence the wider tolerance)."""
+    m = tiny("rope", std=0.3).cuda().to(dtype)
+    out = generate(m, RAGGED, 15, temperature=0.8, seed=0, stop_tokens=[0])
+    for i, ref in enumerate(full_logprobs(m, RAGGED, out, 0.8)):
+        n = int(out.lengths[i])
+        assert torch.allclose(out.logprobs[i, :n].cpu(), ref.cpu(), atol=atol), i

@@ -1,0 +1,207 @@
+"""
+Supervised fine-tuning: the base models that the RL scripts start from.
+
+    python algos/sft.py                                   # 3-digit addition, ~0.8M-param char GPT
+    python algos/sft.py --task=countdown --max_steps=6000
+    python algos/sft.py --stop_accuracy=0.3               # stop early: a weak base for RL
+    torchrun --nproc_per_node=2 algos/sft.py              # same run, data-parallel
+
+Each example is BOS + prompt + answer + EOS; the loss is next-token cross-entropy on the answer
+and EOS only (prompt tokens are masked to -100), since the prompt is given at test time. Every
+`eval_every` steps the model answers the held-out prompts greedily with sampler.py, the task's
+reward scores them, and a checkpoint is written: accuracy moves in sharp jumps, so the RL base
+can be picked from metrics.jsonl by accuracy. Ends with `RESULT {json}`.
+"""
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from data import arithmetic, countdown
+from data.tokenizers import CharTokenizer
+from model import GPT, GPTConfig
+from plumbing import (Metrics, autocast, cli_config, load_model, load_state, make_run_dir, print_result,
+                      resolve_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state,
+                      setup_distributed, teardown_distributed, atomic_write_text)
+from sampler import evaluate
+
+TASKS = {"arithmetic": arithmetic, "countdown": countdown}
+
+
+@dataclass
+class Config:
+    # task
+    task: str = "arithmetic"    # arithmetic | countdown
+    digits: int = 3             # arithmetic: operands in [0, 10**digits)
+    op: str = "+"               # arithmetic: + or *
+    n_numbers: int = 4          # countdown: 3 or 4 numbers
+    max_number: int = 50        # countdown
+    n_train: int = 50000
+    n_test: int = 500
+    # model (ignored when init is given)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    pos: str = "learned"
+    dropout: float = 0.0
+    init: str = ""              # start from this checkpoint (dir, or run dir: its latest)
+    # optimisation
+    batch_size: int = 64        # global; split across ranks
+    lr: float = 1e-3
+    min_lr: float = 1e-4        # cosine decay to this by max_steps
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    max_steps: int = 3000
+    # evaluation, stopping, output
+    eval_every: int = 250
+    stop_accuracy: float = 2.0  # stop at the first evaluation with held-out accuracy >= this (2 = never)
+    out_dir: str = ""           # default runs/sft-<timestamp>
+    resume: str = ""            # a run dir to continue from its latest checkpoint
+    seed: int = 1337
+    device: str = ""            # "" = cuda if available else cpu
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {sorted(TASKS)}, got {self.task!r}")
+        for name in ("batch_size", "max_steps", "eval_every", "n_train", "n_test"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.min_lr < 0:
+            raise ValueError(f"lr must be > 0 and min_lr >= 0, got lr={self.lr}, min_lr={self.min_lr}")
+
+    def task_knobs(self):
+        if self.task == "arithmetic":
+            return dict(digits=self.digits, op=self.op)
+        return dict(n_numbers=self.n_numbers, max_number=self.max_number)
+
+
+def lr_at(step, cfg):
+    """Linear warm-up, then cosine decay from lr to min_lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
+
+
+def make_batch(tokenizer, examples, device):
+    """[{"prompt", "answer"}] -> idx (B, T), targets (B, T) right-padded. targets[t] is the token
+    at t+1 where that token is part of answer + EOS, else -100 (prompt and padding)."""
+    seqs, starts = [], []
+    for ex in examples:
+        p = [tokenizer.bos_id] + tokenizer.encode(ex["prompt"])
+        seqs.append(p + tokenizer.encode(ex["answer"]) + [tokenizer.eos_id])
+        starts.append(len(p))
+    T = max(len(s) for s in seqs) - 1
+    idx = torch.full((len(seqs), T), tokenizer.pad_id, dtype=torch.long)
+    targets = torch.full((len(seqs), T), -100, dtype=torch.long)
+    for i, (s, start) in enumerate(zip(seqs, starts)):
+        idx[i, :len(s) - 1] = torch.tensor(s[:-1])
+        targets[i, start - 1:len(s) - 1] = torch.tensor(s[start:])
+    return idx.to(device), targets.to(device)
+
+
+def main():
+    cfg = cli_config(Config)
+    d = setup_distributed(cfg.device or None)
+    seed_everything(cfg.seed + d.rank)
+    task, knobs = TASKS[cfg.task], cfg.task_knobs()
+    tok = CharTokenizer()
+    train = task.dataset(cfg.n_train, "train", seed=cfg.seed, **knobs)
+    test = task.dataset(cfg.n_test, "test", seed=cfg.seed + 1, **knobs)
+    longest_prompt = 1 + max(len(tok.encode(ex["prompt"])) for ex in train + test)
+    max_new_tokens = max(len(tok.encode(ex["answer"])) for ex in train + test) + 8  # room to be wrong
+
+    run_dir = make_run_dir(cfg.resume or cfg.out_dir, "sft", cfg, d.master)
+    ckpt_dir = os.path.join(run_dir, "ckpt")
+    if cfg.resume:
+        model = load_model(run_dir, d.device)
+    elif cfg.init:
+        model = load_model(cfg.init, d.device)
+    else:
+        block = 16 * math.ceil((longest_prompt + max_new_tokens) / 16)
+        model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=block, n_layer=cfg.n_layer,
+                              n_head=cfg.n_head, n_embd=cfg.n_embd, pos=cfg.pos,
+                              dropout=cfg.dropout)).to(d.device)
+    if model.config.vocab_size != tok.vocab_size:
+        raise SystemExit(f"checkpoint vocab_size {model.config.vocab_size} != tokenizer's {tok.vocab_size}")
+    if longest_prompt + max_new_tokens > model.config.block_size:
+        raise SystemExit(f"prompts of {longest_prompt} tokens + {max_new_tokens} new tokens do not fit "
+                         f"the model's block_size {model.config.block_size}")
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type=d.device.type)
+    data_rng = random.Random(cfg.seed * 1000 + d.rank)  # each rank draws its own examples
+    step, best = 0, {"accuracy": -1.0, "step": None}
+    if cfg.resume:
+        state = load_state(run_dir)
+        optimizer.load_state_dict(state["optimizer"])
+        step, best = state["step"], state["best"]
+        data_rng.setstate(state["data_rng"][d.rank])
+        set_rng_state(state["rng"])
+    net = DDP(model) if d.world_size > 1 else model
+    metrics = Metrics(run_dir, d.master)
+    per_rank = cfg.batch_size // d.world_size
+    if per_rank * d.world_size != cfg.batch_size:
+        raise SystemExit(f"batch_size {cfg.batch_size} is not divisible by {d.world_size} processes")
+    if d.master:
+        print(f"sft: {cfg.task} {knobs}, {model.get_num_params() / 1e6:.2f}M params, device {d.device}, "
+              f"{d.world_size} process(es), run dir {run_dir}")
+
+    t_start, acc = time.time(), None
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="sft", disable=not d.master)
+    while step < cfg.max_steps:
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        idx, targets = make_batch(tok, data_rng.choices(train, k=per_rank), d.device)
+        with autocast(d.device):
+            _, loss = net(idx, targets)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc=acc)
+        metrics.log(step=step, loss=loss.item(), lr=lr, grad_norm=grad_norm.item(),
+                    elapsed=time.time() - t_start)
+
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            stop = torch.zeros(1, device=d.device)
+            data_rngs = [data_rng.getstate()]
+            if d.world_size > 1:  # every rank's data position goes into the checkpoint
+                data_rngs = [None] * d.world_size
+                torch.distributed.all_gather_object(data_rngs, data_rng.getstate())
+            if d.master:
+                res = evaluate(model, tok, test, task.reward, max_new_tokens)
+                acc = res["accuracy"]
+                metrics.log(step=step, accuracy=acc, mean_tokens=res["mean_tokens"])
+                name = f"step_{step:06d}"
+                if acc > best["accuracy"]:
+                    best = {"accuracy": acc, "step": step, "checkpoint": name}
+                save_checkpoint(ckpt_dir, name, model, tok, optimizer,
+                                {"step": step, "best": best, "rng": rng_state(), "data_rng": data_rngs})
+                atomic_write_text(os.path.join(ckpt_dir, "best"), best["checkpoint"])
+                bar.write(f"step {step}: held-out accuracy {acc:.3f} (best {best['accuracy']:.3f} "
+                          f"at step {best['step']}), loss {loss.item():.4f}")
+                stop[0] = float(acc >= cfg.stop_accuracy)
+            if d.world_size > 1:
+                torch.distributed.broadcast(stop, 0)
+            if stop.item():
+                break
+    bar.close()
+    if d.master:
+        print_result(run_dir, {"final_accuracy": acc, "best_accuracy": best["accuracy"],
+                               "best_step": best["step"], "steps": step,
+                               "minutes": round((time.time() - t_start) / 60, 2),
+                               "checkpoint": resolve_checkpoint(run_dir),
+                               "params": model.get_num_params()})
+    teardown_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Tokenizers, toy tasks with verifiable rewards, and JSONL loaders."""

@@ -1,0 +1,320 @@
+"""
+The small shared layer every algorithm script uses, and nothing more:
+
+- config:      a @dataclass per script, overridden by --key=value (and --config=file.json);
+               unknown keys and wrong types are errors that list what is valid
+- distributed: the same script as `python algos/x.py` or under `torchrun --nproc_per_node=N`
+- device:      cuda if available else cpu; bf16 autocast on CUDA, float32 on CPU
+- checkpoints: a directory per checkpoint (safetensors weights + model config + tokenizer +
+               optimizer / step / RNG state), written atomically; a `latest` pointer for resume
+- metrics:     one JSONL line per step, the final `RESULT {json}` line, and a plot command:
+               python plumbing.py plot runs/<run>   ->  runs/<run>/curves.png
+"""
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import shutil
+import sys
+import time
+import typing
+
+import torch
+import torch.distributed as dist
+
+
+# ---- config ------------------------------------------------------------------------------
+
+class ConfigError(ValueError):
+    pass
+
+
+def _describe(cls):
+    hints = typing.get_type_hints(cls)
+    return "\n".join(f"  --{f.name}={f.default!r}  ({hints[f.name].__name__})"
+                     for f in dataclasses.fields(cls))
+
+
+def _convert(key, value, typ):
+    """Turn a command-line string (or a JSON value) into the field's type, or raise."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes"):
+            return True
+        if str(value).lower() in ("0", "false", "no"):
+            return False
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise ConfigError(f"config field {key} has unsupported type {typ}")
+    raise ConfigError(f"--{key}={value!r} is not a valid {typ.__name__}")
+
+
+def parse_config(cls, argv):
+    """Build a `cls` instance from its defaults, then --config=file.json, then --key=value
+    (later wins). `--help` raises ConfigError with the list of fields."""
+    hints = typing.get_type_hints(cls)
+    valid = {f.name for f in dataclasses.fields(cls)}
+    overrides = {}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            raise ConfigError(f"options (with defaults):\n{_describe(cls)}")
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"argument {arg!r} is not of the form --key=value")
+        key, value = arg[2:].split("=", 1)
+        if key == "config":
+            try:
+                with open(value) as f:
+                    from_file = json.load(f)
+            except (OSError, json.JSONDecodeError) as e:
+                raise ConfigError(f"--config={value}: cannot read a JSON object ({e})")
+            if not isinstance(from_file, dict):
+                raise ConfigError(f"--config={value}: expected a JSON object of key: value")
+            overrides = {**from_file, **overrides}
+            continue
+        overrides[key] = value
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {unknown}; valid keys:\n{_describe(cls)}")
+    values = {k: _convert(k, v, hints[k]) for k, v in overrides.items()}
+    try:
+        return cls(**values)
+    except ValueError as e:  # a script's __post_init__ range checks
+        raise ConfigError(str(e)) from None
+
+
+def cli_config(cls):
+    """parse_config on sys.argv; a bad argument prints one message and exits with status 2."""
+    try:
+        return parse_config(cls, sys.argv[1:])
+    except ConfigError as e:
+        print(f"{os.path.basename(sys.argv[0])}: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ---- distributed, device, precision, seeds -----------------------------------------------
+
+@dataclasses.dataclass
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def setup_distributed(device=None):
+    """One process, or one of torchrun's (RANK / WORLD_SIZE / LOCAL_RANK set): nccl on CUDA,
+    gloo on CPU. device=None picks cuda when available."""
+    want_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
+    if "RANK" not in os.environ:
+        return Dist(0, 0, 1, torch.device(device or ("cuda" if want_cuda else "cpu")))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if want_cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+    return Dist(rank, local, world, torch.device(f"cuda:{local}" if want_cuda else "cpu"))
+
+
+def teardown_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; on the CPU plain float32 (CPU bf16 matmuls are slow and lossy)."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+# ---- checkpoints -------------------------------------------------------------------------
+
+def atomic_write_text(path, text):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state():
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(ckpt_dir, name, model, tokenizer=None, optimizer=None, state=None):
+    """Write ckpt_dir/name/ = model.safetensors + model_config.json (+ tokenizer.json)
+    (+ state.pt: optimizer, step, RNG, anything in `state`), then point ckpt_dir/latest at it.
+    Everything goes to a temp directory first and is renamed into place, so a crash at any
+    moment leaves the previous checkpoint and the `latest` pointer intact."""
+    from safetensors.torch import save_file
+    final = os.path.join(ckpt_dir, name)
+    tmp = f"{final}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(sd, os.path.join(tmp, "model.safetensors"))
+    with open(os.path.join(tmp, "model_config.json"), "w") as f:
+        json.dump(dataclasses.asdict(model.config), f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+    if optimizer is not None or state is not None:
+        torch.save({"optimizer": optimizer.state_dict() if optimizer else None, **(state or {})},
+                   os.path.join(tmp, "state.pt"))
+    if os.path.exists(final):  # re-saving a name: move the old one aside, never delete first
+        os.replace(final, f"{final}.old{os.getpid()}")
+    os.replace(tmp, final)
+    shutil.rmtree(f"{final}.old{os.getpid()}", ignore_errors=True)
+    atomic_write_text(os.path.join(ckpt_dir, "latest"), name)
+    return final
+
+
+def resolve_checkpoint(path):
+    """A checkpoint directory, or a directory holding a `latest` pointer (a run's ckpt/ dir or
+    the run dir itself) -> the checkpoint directory."""
+    for d in (path, os.path.join(path, "ckpt")):
+        if os.path.isfile(os.path.join(d, "latest")):
+            with open(os.path.join(d, "latest")) as f:
+                return os.path.join(d, f.read().strip())
+    return path
+
+
+def load_model(path, device="cpu", **overrides):
+    """A GPT from a checkpoint directory written by save_checkpoint (or a run dir: its latest).
+    Every problem (missing files, a config that does not match the weights) is one clear error."""
+    from safetensors.torch import load_file
+    from model import GPT, GPTConfig
+    ckpt = resolve_checkpoint(path)
+    cfg_path, w_path = os.path.join(ckpt, "model_config.json"), os.path.join(ckpt, "model.safetensors")
+    for p in (cfg_path, w_path):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"checkpoint {ckpt}: {os.path.basename(p)} not found")
+    try:
+        with open(cfg_path) as f:
+            config = GPTConfig.from_dict({**json.load(f), **overrides})
+        weights = load_file(w_path)
+    except (json.JSONDecodeError, ValueError, OSError) as e:
+        raise ValueError(f"checkpoint {ckpt} is unreadable: {e}") from None
+    model = GPT(config)
+    expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    got = {k: v.shape for k, v in weights.items()}
+    if expected != got:
+        diff = sorted(set(expected.items()) ^ set(got.items()))[:4]
+        raise ValueError(f"checkpoint {ckpt}: weights do not match its model_config.json (e.g. {diff})")
+    model.load_state_dict(weights, strict=False)  # lm_head.weight is tied to wte
+    return model.to(device)
+
+
+def load_state(path):
+    """The optimizer / step / RNG dict saved beside the weights."""
+    p = os.path.join(resolve_checkpoint(path), "state.pt")
+    if not os.path.isfile(p):
+        raise FileNotFoundError(f"{p} not found: nothing to resume from")
+    return torch.load(p, map_location="cpu", weights_only=False)  # our own file
+
+
+# ---- run directory, metrics, RESULT ------------------------------------------------------
+
+def make_run_dir(out_dir, method, config, master=True):
+    """runs/<method>-<timestamp>/ unless out_dir is given; writes config.json there. Checks that
+    the directory is writable now, not after an hour of training."""
+    out_dir = out_dir or os.path.join("runs", f"{method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if master:
+        try:
+            os.makedirs(os.path.join(out_dir, "ckpt"), exist_ok=True)
+            atomic_write_text(os.path.join(out_dir, "config.json"),
+                              json.dumps(dataclasses.asdict(config), indent=2))
+        except OSError as e:
+            raise SystemExit(f"cannot write the run directory {out_dir}: {e}")
+    return out_dir
+
+
+class Metrics:
+    """Appends one JSON object per line to run_dir/metrics.jsonl (rank 0 only)."""
+
+    def __init__(self, run_dir, master=True):
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.master = master
+
+    def log(self, **row):
+        if self.master:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def print_result(run_dir, result, master=True):
+    """The last line of every algorithm script: `RESULT {json}`, also saved as result.json."""
+    if master:
+        atomic_write_text(os.path.join(run_dir, "result.json"), json.dumps(result, indent=2))
+        print("RESULT " + json.dumps(result), flush=True)
+
+
+def plot_run(run_dir, out=None):
+    """Plot every numeric metric of metrics.jsonl against step into one PNG."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("plotting needs matplotlib: pip install matplotlib")
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if line.strip()]
+    keys = sorted({k for r in rows for k, v in r.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    if not keys:
+        raise SystemExit(f"{run_dir}/metrics.jsonl has no numeric metrics to plot")
+    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.2 * len(keys)), sharex=True, squeeze=False)
+    for ax, k in zip(axes[:, 0], keys):
+        pts = [(r["step"], r[k]) for r in rows if k in r and "step" in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None)
+        ax.set_ylabel(k, fontsize=8)
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    out = out or os.path.join(run_dir, "curves.png")
+    fig.savefig(out, dpi=80)
+    return out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "plot":
+        print(plot_run(sys.argv[2]))
+    else:
+        sys.exit("usage: python plumbing.py plot RUN_DIR")

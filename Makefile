@@ -2,9 +2,11 @@
 # (GPU boxes); the default is the project's .venv made by `make setup`.
 VENV := .venv
 PY ?= $(VENV)/bin/python
-NPROC ?= 2
+NPROC ?= 1
+# NPROC>1 runs the same script under torchrun (python -m torch.distributed.run)
+RUN = $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run --nproc_per_node=$(NPROC))
 
-.PHONY: setup test bench clean
+.PHONY: setup test bench clean sft sft-base-arithmetic sft-base-countdown
 
 setup:
 	python3 -m venv $(VENV)
@@ -18,6 +20,17 @@ test:
 
 bench:
 	$(PY) bench/sampler.py
+
+# ARGS="--key=value ..." passes overrides to any method target
+sft:
+	$(RUN) algos/sft.py --out_dir=runs/sft-addition $(ARGS)
+
+# weak bases for RL to improve on: stop at the first evaluation with >= 30% held-out accuracy
+sft-base-arithmetic:
+	$(RUN) algos/sft.py --stop_accuracy=0.3 --out_dir=runs/base-addition $(ARGS)
+
+sft-base-countdown:
+	$(RUN) algos/sft.py --task=countdown --stop_accuracy=0.3 --out_dir=runs/base-countdown $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache runs

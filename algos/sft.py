@@ -57,14 +57,15 @@ class Config:
     warmup_steps: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    max_steps: int = 3000
+    max_steps: int = 6000
     # evaluation, stopping, output
-    eval_every: int = 250
+    eval_every: int = 500
     stop_accuracy: float = 2.0  # stop at the first evaluation with held-out accuracy >= this (2 = never)
     out_dir: str = ""           # default runs/sft-<timestamp>
     resume: str = ""            # a run dir to continue from its latest checkpoint
     seed: int = 1337
     device: str = ""            # "" = cuda if available else cpu
+    peak_flops: float = 989e12  # for the MFU log line on CUDA: H100 / H200 dense bf16
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -119,10 +120,11 @@ def main():
 
     run_dir = make_run_dir(cfg.resume or cfg.out_dir, "sft", cfg, d.master)
     ckpt_dir = os.path.join(run_dir, "ckpt")
-    if cfg.resume:
-        model = load_model(run_dir, d.device)
-    elif cfg.init:
-        model = load_model(cfg.init, d.device)
+    if cfg.resume or cfg.init:
+        try:
+            model = load_model(run_dir if cfg.resume else cfg.init, d.device)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"sft: {e}")
     else:
         block = 16 * math.ceil((longest_prompt + max_new_tokens) / 16)
         model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=block, n_layer=cfg.n_layer,
@@ -153,7 +155,9 @@ def main():
 
     t_start, acc = time.time(), None
     bar = tqdm(total=cfg.max_steps, initial=step, desc="sft", disable=not d.master)
+    step_times = []
     while step < cfg.max_steps:
+        t0 = time.time()
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -165,10 +169,16 @@ def main():
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        loss_value = loss.item()  # also waits for the GPU, so dt is the real step time
+        dt = time.time() - t0
+        step_times.append(dt)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", acc=acc)
-        metrics.log(step=step, loss=loss.item(), lr=lr, grad_norm=grad_norm.item(),
-                    elapsed=time.time() - t_start)
+        bar.set_postfix(loss=f"{loss_value:.3f}", acc=acc)
+        extra = {}
+        if d.device.type == "cuda":  # FLOPs per token from the PaLM formula, over the card's peak
+            extra["mfu"] = model.estimate_mfu(idx.size(0), dt, seq_len=idx.size(1), peak_flops=cfg.peak_flops)
+        metrics.log(step=step, loss=loss_value, lr=lr, grad_norm=grad_norm.item(), step_ms=1e3 * dt,
+                    elapsed=time.time() - t_start, **extra)
 
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             stop = torch.zeros(1, device=d.device)
@@ -187,7 +197,7 @@ def main():
                                 {"step": step, "best": best, "rng": rng_state(), "data_rng": data_rngs})
                 atomic_write_text(os.path.join(ckpt_dir, "best"), best["checkpoint"])
                 bar.write(f"step {step}: held-out accuracy {acc:.3f} (best {best['accuracy']:.3f} "
-                          f"at step {best['step']}), loss {loss.item():.4f}")
+                          f"at step {best['step']}), loss {loss_value:.4f}")
                 stop[0] = float(acc >= cfg.stop_accuracy)
             if d.world_size > 1:
                 torch.distributed.broadcast(stop, 0)
@@ -199,7 +209,9 @@ def main():
                                "best_step": best["step"], "steps": step,
                                "minutes": round((time.time() - t_start) / 60, 2),
                                "checkpoint": resolve_checkpoint(run_dir),
-                               "params": model.get_num_params()})
+                               "params": model.get_num_params(),
+                               "median_step_ms": round(1e3 * sorted(step_times)[len(step_times) // 2], 2)
+                               if step_times else None})
     teardown_distributed()
 
 

@@ -1,11 +1,28 @@
 #!/usr/bin/env bash
 # Every GPU check in one go, for a lent GPU box whose python3 already has torch:
-#   bash bench/gpu.sh [OUT_DIR]
-# Runs the test suite (CUDA tests included) and the sampler benchmark in bf16.
+#   bash bench/gpu.sh [OUT_DIR] [tests] [sampler] [sft]      (no part named: all three)
+# tests: the suite, CUDA tests included; sampler: bench/sampler.py in bf16; sft: a larger SFT
+# run (85M params, 4-digit addition) reporting step time and MFU.
 set -uo pipefail
 out=${1:-${OUT:-/tmp}}
+shift || true
+parts=${*:-tests sampler sft}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
-python3 -m pytest -q -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.txt" | tail -n 15
-python3 bench/sampler.py --device=cuda --dtype=bfloat16 2>&1 | tee "$out/gpu_bench_sampler.txt" | tail -n 6
+for part in $parts; do
+  case $part in
+    tests) python3 -m pytest -q -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.txt" | tail -n 15 ;;
+    sampler) python3 bench/sampler.py --device=cuda --dtype=bfloat16 2>&1 | tee "$out/gpu_bench_sampler.txt" | tail -n 6 ;;
+    sft) python3 algos/sft.py --device=cuda --digits=4 --n_layer=12 --n_head=12 --n_embd=768 \
+           --batch_size=1024 --lr=3e-4 --min_lr=3e-5 --max_steps=1500 --eval_every=500 \
+           --out_dir="$out/sft_gpu" 2>&1 | tr '\r' '\n' | grep -E "^sft:|step .*accuracy|RESULT|Error|error" ;
+         python3 -c "
+import json, statistics as st
+rows = [json.loads(l) for l in open('$out/sft_gpu/metrics.jsonl') if 'mfu' in l]
+rows = rows[len(rows) // 10:]  # skip warm-up steps
+print('sft gpu: median step %.1f ms, median MFU %.3f over %d steps' % (
+    st.median(r['step_ms'] for r in rows), st.median(r['mfu'] for r in rows), len(rows)))" ;
+         rm -rf "$out/sft_gpu/ckpt" ;;
+  esac
+done

@@ -4,17 +4,12 @@ Prompt: "<a><op><b>=" with a, b plain decimal (no leading zeros), op "+" or "*".
 Answer: the exact result in plain decimal, e.g. "123+456=" -> "579", "12*34=" -> "408".
 Knobs: digits (operands uniform in [0, 10**digits)), op ("+" or "*").
 """
-import hashlib
 import random
 import re
 
+from data.splits import distinct_problems, split_of  # noqa: F401 (split_of is part of the task API)
+
 _PROMPT = re.compile(r"(0|[1-9][0-9]*)([+*])(0|[1-9][0-9]*)=")
-
-
-def split_of(prompt: str) -> str:
-    """"test" for about 1 prompt in 10, else "train"; depends on the prompt text alone, so the
-    two splits can never share a prompt whatever seeds or knobs produced them."""
-    return "test" if hashlib.sha256(prompt.encode()).digest()[0] % 10 == 0 else "train"
 
 
 def sample(rng: random.Random, digits: int = 2, op: str = "+") -> dict:
@@ -29,24 +24,7 @@ def sample(rng: random.Random, digits: int = 2, op: str = "+") -> dict:
 
 def dataset(n: int, split: str, seed: int, digits: int = 2, op: str = "+") -> list[dict]:
     """n distinct problems of one split, the same list for the same arguments."""
-    if split not in ("train", "test"):
-        raise ValueError(f'split must be "train" or "test", got {split!r}')
-    rng = random.Random(seed)
-    seen, out, misses = set(), [], 0
-    # Give up after many draws in a row bring nothing new: the knobs then allow fewer than n
-    # problems in this split (or so few more that sampling cannot find them).
-    while len(out) < n:
-        p = sample(rng, digits=digits, op=op)
-        if p["prompt"] in seen or split_of(p["prompt"]) != split:
-            misses += 1
-            if misses > 20_000:
-                raise ValueError(f"fewer than {n} distinct {split} problems exist for "
-                                 f"digits={digits} op={op!r} (found {len(out)})")
-            continue
-        misses = 0
-        seen.add(p["prompt"])
-        out.append(p)
-    return out
+    return distinct_problems(sample, n, split, seed, digits=digits, op=op)
 
 
 def reward(prompt: str, completion: str) -> float:

@@ -8,22 +8,17 @@ spaces, no unary minus; "/" is exact division, so intermediate fractions are fin
 14); each given number may be used at most as often as it is given, and not all need be used.
 Knobs: n_numbers (how many numbers, 3 or 4 in TinyZero), max_number (numbers are 1..max_number).
 """
-import hashlib
 import random
 import re
 from collections import Counter
 from fractions import Fraction
 
+from data.splits import distinct_problems, split_of  # noqa: F401 (split_of is part of the task API)
+
 _PROMPT = re.compile(r"([1-9][0-9]*(?:,[1-9][0-9]*)*):([1-9][0-9]*)=")
 _TOKEN = re.compile(r"[0-9]+|[-+*/()]")
 _PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
 _MAX_DEPTH = 50  # parentheses nesting; bounds the recursion on hostile completions
-
-
-def split_of(prompt: str) -> str:
-    """"test" for about 1 prompt in 10, else "train"; depends on the prompt text alone, so the
-    two splits can never share a prompt whatever seeds or knobs produced them."""
-    return "test" if hashlib.sha256(prompt.encode()).digest()[0] % 10 == 0 else "train"
 
 
 def _apply(op, x, y):
@@ -72,25 +67,7 @@ def sample(rng: random.Random, n_numbers: int = 3, max_number: int = 50) -> dict
 
 def dataset(n: int, split: str, seed: int, n_numbers: int = 3, max_number: int = 50) -> list[dict]:
     """n distinct problems of one split, the same list for the same arguments."""
-    if split not in ("train", "test"):
-        raise ValueError(f'split must be "train" or "test", got {split!r}')
-    rng = random.Random(seed)
-    seen, out, misses = set(), [], 0
-    # Give up after many draws in a row bring nothing new: the knobs then allow fewer than n
-    # problems in this split (or so few more that sampling cannot find them).
-    while len(out) < n:
-        p = sample(rng, n_numbers=n_numbers, max_number=max_number)
-        if p["prompt"] in seen or split_of(p["prompt"]) != split:
-            misses += 1
-            if misses > 20_000:
-                raise ValueError(f"fewer than {n} distinct {split} problems exist for "
-                                 f"n_numbers={n_numbers} max_number={max_number} "
-                                 f"(found {len(out)})")
-            continue
-        misses = 0
-        seen.add(p["prompt"])
-        out.append(p)
-    return out
+    return distinct_problems(sample, n, split, seed, n_numbers=n_numbers, max_number=max_number)
 
 
 class _Parser:

@@ -6,20 +6,25 @@ NPROC ?= 1
 # NPROC>1 runs the same script under torchrun (python -m torch.distributed.run)
 RUN = $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run --nproc_per_node=$(NPROC))
 
-.PHONY: setup test bench clean sft sft-base-arithmetic sft-base-countdown
+.PHONY: setup test bench compile-check clean sft sft-base-arithmetic sft-base-countdown
 
 setup:
 	python3 -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q setuptools wheel
 	$(VENV)/bin/python -m pip install -q -r requirements.txt
 	$(VENV)/bin/python -m pip install -q --no-build-isolation -e .
-	@$(VENV)/bin/python -c "import torch, model, sampler; print('setup ok: torch', torch.__version__)"
+	@$(VENV)/bin/python -c "import torch, model, sampler, kernels; print('setup ok: torch', torch.__version__, '| kernels_cuda built:', kernels.HAVE_CUDA_KERNELS)"
 
 test:
 	$(PY) -m pytest -q
 
 bench:
 	$(PY) bench/sampler.py
+	$(PY) bench/logprob.py
+
+# nvcc compile of kernels.cu against torch's headers (what CI runs; skips without nvcc)
+compile-check:
+	bash bench/compile_check.sh $(PY)
 
 # ARGS="--key=value ..." passes overrides to any method target
 sft:
@@ -33,5 +38,5 @@ sft-base-countdown:
 	$(RUN) algos/sft.py --task=countdown --stop_accuracy=0.3 --out_dir=runs/base-countdown $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache runs
+	rm -rf $(VENV) build *.egg-info .pytest_cache runs kernels_cuda*.so
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

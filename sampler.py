@@ -21,6 +21,8 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
+import kernels
+
 
 class KVCache:
     """Keys and values for every layer, allocated once for (batch, max_len) and written in place
@@ -94,9 +96,12 @@ def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Draw one token per row from float32 logits (B, V). Returns (tokens (B,), logprobs (B,)),
     the log-prob under the filtered distribution the token was drawn from. temperature=0 is
-    greedy: the distribution is a point mass, so its log-prob is 0."""
+    greedy: the distribution is a point mass, so its log-prob is 0. On CUDA with kernels_cuda
+    built and no top-k / top-p, kernels.sample_tokens draws in one pass (Gumbel-max)."""
     if temperature == 0:
         return logits.argmax(dim=-1), torch.zeros(logits.size(0), device=logits.device)
+    if logits.is_cuda and kernels.HAVE_CUDA_KERNELS and top_k is None and (top_p is None or top_p >= 1.0):
+        return kernels.sample_tokens(logits, temperature, generator)  # one fused pass per row
     logp = F.log_softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
     tok = torch.multinomial(logp.exp(), 1, generator=generator)  # (B, 1)
     return tok[:, 0], logp.gather(-1, tok)[:, 0]

@@ -16,7 +16,7 @@ the process's RSS once its inputs exist. On CUDA the kernel row also prints its 
 bandwidth, counting the bytes it must move: read the logits in the forward, read them and write
 the gradient in the backward (3 N V elements), as a fraction of --peak_gbps.
 
-The chunked and fused variants use kernels.py's default chunk (CHUNK_ELEMENTS // V rows) unless
+The chunked and fused variants use kernels.py's default chunks (CHUNK_ELEMENTS // V and HIDDEN_CHUNK_ELEMENTS // V rows) unless
 --chunk_size is given. chunked_inplace writes the gradient into the logits buffer
 (inplace_backward=True), so its extra memory is one chunk's temporaries.
 """
@@ -40,7 +40,7 @@ TOKEN_VARIANTS = ("naive", "chunked", "chunked_inplace", "kernel")
 HIDDEN_VARIANTS = ("hidden_naive", "hidden_fused")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULTS = {  # device -> (dtype, sizes, repeats)
-    "cpu": ("float32", "1024x32768,2048x50304", 3),
+    "cpu": ("float32", "2048x50304,8192x50304", 3),
     "cuda": ("bfloat16", "4096x32768,16384x50304", 10),
 }
 
@@ -174,7 +174,7 @@ def main():
     token_variants = ("naive", "chunked", "chunked_inplace") + (("kernel",) if use_kernel else ())
     elt = torch.finfo(DTYPES[args.dtype]).bits // 8
     print(f"bench/logprob.py: device={args.device} dtype={args.dtype} D={args.D} "
-          f"chunk_size={args.chunk_size or 'CHUNK_ELEMENTS // V'} entropy={args.entropy} repeats={args.repeats} "
+          f"chunk_size={args.chunk_size or 'kernels.py defaults'} entropy={args.entropy} repeats={args.repeats} "
           f"(median after 1 warm-up) torch={torch.__version__} threads={torch.get_num_threads()} "
           f"kernels_cuda={'yes' if kernels.HAVE_CUDA_KERNELS else 'no'}")
     if args.device == "cuda":

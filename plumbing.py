@@ -141,6 +141,9 @@ def setup_distributed(device=None):
 
 def teardown_distributed():
     if dist.is_initialized():
+        # every rank arrives before the group goes: a rank that tears down while another still
+        # talks to it can abort in gloo's background threads
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -22,6 +22,6 @@ fi
 nvcc -c kernels.cu -o "$out/kernels.o" -std=c++17 -arch=sm_90 -Xcompiler -fPIC \
   -DTORCH_EXTENSION_NAME=kernels_cuda -DTORCH_API_INCLUDE_EXTENSION_H -D_GLIBCXX_USE_CXX11_ABI=$abi \
   $inc -I"$pyinc" -Xptxas -v 2> "$out/ptxas.txt" || { cat "$out/ptxas.txt"; exit 1; }
-grep -E "Compiling entry|registers|spill" "$out/ptxas.txt" | sed 's/^ptxas info *: //' | head -n 24
+grep -E "Compiling entry|registers|spill" "$out/ptxas.txt" | sed 's/^ptxas info *: //' | head -n 48
 echo "compile check OK: kernels.cu compiled with $(nvcc --version | tail -n 1)"
 rm -rf "$out"

@@ -45,22 +45,16 @@ def _convert(key, value, typ):
             return True
         if str(value).lower() in ("0", "false", "no"):
             return False
-    elif typ is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+    elif typ in (int, float):
         if isinstance(value, str):
             try:
-                return int(value)
+                return typ(value)  # int("1.5") fails, as it should for an int field
             except ValueError:
                 pass
-    elif typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        # a JSON number: an int field takes only ints; a float field takes either
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            if typ is float or isinstance(value, int):
+                return typ(value)
     elif typ is str:
         if isinstance(value, str):
             return value

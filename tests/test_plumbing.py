@@ -52,9 +52,12 @@ def test_config_errors(argv, msg):
 
 def test_config_file_with_wrong_type(tmp_path):
     f = tmp_path / "c.json"
-    f.write_text(json.dumps({"steps": "ten"}))
-    with pytest.raises(ConfigError, match="not a valid int"):
-        parse_config(Cfg, [f"--config={f}"])
+    for bad in ({"steps": "ten"}, {"steps": 2.5}, {"steps": True}):
+        f.write_text(json.dumps(bad))
+        with pytest.raises(ConfigError, match="not a valid int"):
+            parse_config(Cfg, [f"--config={f}"])
+    f.write_text(json.dumps({"lr": 2}))  # an int where a float is wanted is fine
+    assert parse_config(Cfg, [f"--config={f}"]).lr == 2.0
 
 
 def tiny(seed=0, **kw):

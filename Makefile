@@ -13,7 +13,7 @@ setup:
 	$(VENV)/bin/python -m pip install -q setuptools wheel
 	$(VENV)/bin/python -m pip install -q -r requirements.txt
 	$(VENV)/bin/python -m pip install -q --no-build-isolation -e .
-	@$(VENV)/bin/python -c "import torch, model, sampler, kernels; print('setup ok: torch', torch.__version__, '| kernels_cuda built:', kernels.HAVE_CUDA_KERNELS)"
+	@$(VENV)/bin/python -c "import torch, model, sampler, kernels; print('setup ok: torch', torch.__version__); print('kernels.cu: built as kernels_cuda' if kernels.HAVE_CUDA_KERNELS else 'kernels.cu: skipped (needs nvcc and a CUDA build of torch); kernels.py uses its torch path')"
 
 test:
 	$(PY) -m pytest -q

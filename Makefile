@@ -31,11 +31,13 @@ sft:
 	$(RUN) algos/sft.py --out_dir=runs/sft-addition $(ARGS)
 
 # weak bases for RL to improve on: stop at the first evaluation with >= 30% held-out accuracy
+# (the batch / steps / eval interval of the runs measured in the README)
+BASE = --n_head=4 --batch_size=64 --max_steps=6000 --eval_every=500 --stop_accuracy=0.3
 sft-base-arithmetic:
-	$(RUN) algos/sft.py --stop_accuracy=0.3 --out_dir=runs/base-addition $(ARGS)
+	$(RUN) algos/sft.py $(BASE) --out_dir=runs/base-addition $(ARGS)
 
 sft-base-countdown:
-	$(RUN) algos/sft.py --task=countdown --stop_accuracy=0.3 --out_dir=runs/base-countdown $(ARGS)
+	$(RUN) algos/sft.py $(BASE) --task=countdown --out_dir=runs/base-countdown $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache runs kernels_cuda*.so

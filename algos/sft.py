@@ -45,21 +45,21 @@ class Config:
     n_test: int = 500
     # model (ignored when init is given)
     n_layer: int = 4
-    n_head: int = 4
+    n_head: int = 8
     n_embd: int = 128
     pos: str = "learned"
     dropout: float = 0.0
     init: str = ""              # start from this checkpoint (dir, or run dir: its latest)
     # optimisation
-    batch_size: int = 64        # global; split across ranks
+    batch_size: int = 32        # global; split across ranks
     lr: float = 1e-3
     min_lr: float = 1e-4        # cosine decay to this by max_steps
     warmup_steps: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    max_steps: int = 6000
+    max_steps: int = 12000
     # evaluation, stopping, output
-    eval_every: int = 500
+    eval_every: int = 1000
     stop_accuracy: float = 2.0  # stop at the first evaluation with held-out accuracy >= this (2 = never)
     out_dir: str = ""           # default runs/sft-<timestamp>
     resume: str = ""            # a run dir to continue from its latest checkpoint

@@ -196,10 +196,10 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
         if t == N - 1 or (len(stop) and bool(done.all())):
             break
         pos = lens + t  # where this step's token sits
-        seq[rows, pos] = tokens[:, t]
         if use_cache:
             logits = decode_one_token(model, cache, tokens[:, t], pos)
-        else:
+        else:  # only the slow twin re-reads the whole sequence
+            seq[rows, pos] = tokens[:, t]
             logits = full_forward(model, seq[:, :T + t + 1], pos)
     model.train(was_training)
     return Generation(tokens, logprobs, lengths)

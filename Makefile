@@ -6,7 +6,7 @@ NPROC ?= 1
 # NPROC>1 runs the same script under torchrun (python -m torch.distributed.run)
 RUN = $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run --nproc_per_node=$(NPROC))
 
-.PHONY: setup test bench compile-check clean sft sft-base-arithmetic sft-base-countdown
+.PHONY: setup test bench compile-check clean sft grpo grpo-countdown grpo-compare
 
 setup:
 	python3 -m venv $(VENV)
@@ -21,6 +21,7 @@ test:
 bench:
 	$(PY) bench/sampler.py
 	$(PY) bench/logprob.py
+	$(PY) bench/grpo_step.py
 
 # nvcc compile of kernels.cu against torch's headers (what CI runs; skips without nvcc)
 compile-check:
@@ -30,14 +31,22 @@ compile-check:
 sft:
 	$(RUN) algos/sft.py --out_dir=runs/sft-addition $(ARGS)
 
-# weak bases for RL to improve on: stop at the first evaluation with >= 30% held-out accuracy
-# (the batch / steps / eval interval of the runs measured in the README)
-BASE = --n_head=4 --batch_size=64 --max_steps=6000 --eval_every=500 --stop_accuracy=0.3
-sft-base-arithmetic:
-	$(RUN) algos/sft.py $(BASE) --out_dir=runs/base-addition $(ARGS)
+# GRPO from a weak SFT base: without --init in ARGS, grpo.py first trains that base with
+# algos/sft.py (stopped at 30% held-out accuracy) into runs/base-<task>-..., and reuses it after
+grpo:
+	$(RUN) algos/grpo.py --out_dir=runs/grpo-arithmetic $(ARGS)
 
-sft-base-countdown:
-	$(RUN) algos/sft.py $(BASE) --task=countdown --out_dir=runs/base-countdown $(ARGS)
+grpo-countdown:
+	$(RUN) algos/grpo.py --task=countdown --out_dir=runs/grpo-countdown $(ARGS)
+
+# the README's table: the same base, seed and step budget, three objectives
+DRGRPO = --advantage=drgrpo --loss_agg=seq-mean-token-sum-norm
+DAPO = --loss_agg=token-mean --eps_high=0.28 --dynamic_sampling=True
+grpo-compare:
+	$(RUN) algos/grpo.py --out_dir=runs/cmp-grpo $(ARGS)
+	$(RUN) algos/grpo.py $(DRGRPO) --out_dir=runs/cmp-drgrpo $(ARGS)
+	$(RUN) algos/grpo.py $(DAPO) --out_dir=runs/cmp-dapo $(ARGS)
+	$(PY) plumbing.py compare runs/grpo-compare.png runs/cmp-grpo runs/cmp-drgrpo runs/cmp-dapo
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache runs kernels_cuda*.so

@@ -310,8 +310,49 @@ def plot_run(run_dir, out=None):
     return out
 
 
+def compare_runs(run_dirs, out=None, curves=("eval_accuracy", "reward")):
+    """A markdown table of several runs (the config fields that differ, then every RESULT number)
+    and, with out, one PNG overlaying their `curves` against step. Returns the table."""
+    configs, results, rows = [], [], []
+    for d in run_dirs:
+        try:
+            configs.append(json.load(open(os.path.join(d, "config.json"))))
+            results.append(json.load(open(os.path.join(d, "result.json"))))
+            rows.append([json.loads(l) for l in open(os.path.join(d, "metrics.jsonl")) if l.strip()])
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"compare: {d} is not a finished run ({e})")
+    differ = [k for k in configs[0] if k not in ("out_dir", "resume") and
+              len({json.dumps(c.get(k)) for c in configs}) > 1]
+    numbers = [k for k in results[0] if isinstance(results[0][k], (int, float)) and
+               not isinstance(results[0][k], bool)]
+    lines = ["| run | " + " | ".join(differ + numbers) + " |", "|" + "---|" * (1 + len(differ) + len(numbers))]
+    for d, c, r in zip(run_dirs, configs, results):
+        cells = [str(c.get(k)) for k in differ] + [f"{r.get(k):.3f}" if isinstance(r.get(k), float)
+                                                   else str(r.get(k)) for k in numbers]
+        lines.append(f"| {os.path.basename(os.path.normpath(d))} | " + " | ".join(cells) + " |")
+    if out:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 3.6), squeeze=False)
+        for ax, key in zip(axes[0], curves):
+            for d, rs in zip(run_dirs, rows):
+                pts = [(r["step"], r[key]) for r in rs if key in r]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=os.path.basename(os.path.normpath(d)))
+            ax.set_xlabel("step")
+            ax.set_ylabel(key)
+            ax.grid(alpha=0.3)
+        axes[0, 0].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out, dpi=90)
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "plot":
         print(plot_run(sys.argv[2]))
+    elif len(sys.argv) >= 4 and sys.argv[1] == "compare":
+        print(compare_runs(sys.argv[3:], out=sys.argv[2]))
     else:
-        sys.exit("usage: python plumbing.py plot RUN_DIR")
+        sys.exit("usage: python plumbing.py plot RUN_DIR\n"
+                 "       python plumbing.py compare OUT.png RUN_DIR RUN_DIR ...")

@@ -233,3 +233,115 @@ def evaluate(model, tokenizer, problems, reward_fn, max_new_tokens, batch_size=2
         total += sum(reward_fn(p, t) if f else 0.0 for p, t, f in zip(prompts, texts, finished))
         tokens += int(out.lengths.sum())
     return {"accuracy": total / len(problems), "mean_tokens": tokens / len(problems)}
+
+
+# ---- RL: sample a group per prompt, score it, and re-score the same tokens with gradients ------
+
+@dataclass
+class Rollout:
+    """G completions per problem, rows problem-major (row i * G + g is problem i's g-th sample)."""
+    problems: list          # [{"prompt", ...}], one per row (each problem repeated G times)
+    prompts: list           # BOS + prompt token ids, one list per row
+    tokens: torch.Tensor    # (B, N) long, N = max_new_tokens for every rollout, so rollouts concatenate
+    logprobs: torch.Tensor  # (B, N) float32: the sampler's log-probs (the distribution drawn from)
+    lengths: torch.Tensor   # (B,) long, EOS included when emitted
+    finished: torch.Tensor  # (B,) bool: EOS emitted within max_new_tokens
+    rewards: torch.Tensor   # (B,) float32: the task's reward; 0 for an unfinished completion
+    texts: list             # decoded completions without EOS
+
+    def mask(self):
+        return Generation(self.tokens, self.logprobs, self.lengths).mask()
+
+    def take(self, rows):
+        """The rows `rows` (a list of ints) as a new Rollout."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.tokens.device)
+        return Rollout([self.problems[r] for r in rows], [self.prompts[r] for r in rows],
+                       self.tokens[idx], self.logprobs[idx], self.lengths[idx], self.finished[idx],
+                       self.rewards[idx], [self.texts[r] for r in rows])
+
+    @staticmethod
+    def cat(parts):
+        return Rollout(sum((p.problems for p in parts), []), sum((p.prompts for p in parts), []),
+                       torch.cat([p.tokens for p in parts]), torch.cat([p.logprobs for p in parts]),
+                       torch.cat([p.lengths for p in parts]), torch.cat([p.finished for p in parts]),
+                       torch.cat([p.rewards for p in parts]), sum((p.texts for p in parts), []))
+
+
+def rollout(model, tokenizer, problems, reward_fn, group_size, max_new_tokens, **kwargs):
+    """Sample group_size completions of each problem (kwargs go to generate: temperature, seed, ...)
+    and score each with reward_fn(prompt, text). A completion that never emitted EOS scores 0:
+    with no end there is no answer to check."""
+    rows = [p for p in problems for _ in range(group_size)]
+    out, texts, finished = sample_texts(model, tokenizer, [p["prompt"] for p in rows], max_new_tokens,
+                                        **kwargs)
+    rewards = [reward_fn(p["prompt"], t) if f else 0.0 for p, t, f in zip(rows, texts, finished)]
+    device = out.tokens.device
+    return Rollout(rows, [[tokenizer.bos_id] + tokenizer.encode(p["prompt"]) for p in rows],
+                   out.tokens, out.logprobs, out.lengths, torch.tensor(finished, device=device),
+                   torch.tensor(rewards, dtype=torch.float32, device=device), texts)
+
+
+def completion_logprobs(model, prompts, tokens, lengths, temperature=1.0, return_entropy=False,
+                        pad_id=0):
+    """log pi(token_t | prompt, tokens_<t) at `temperature` for every completion token, with
+    gradients: one training-mode forward over prompt + completion, right-padded.
+
+    prompts: token-id lists (B); tokens (B, N); lengths (B,). Returns (B, N) float32 aligned with
+    tokens (0 after a row's length), or (logprobs, entropy). The logits at position p predict the
+    token at p + 1, so completion token t of row b (position L_b + t) is read at L_b + t - 1. The
+    unembedding is fused into the log-prob (kernels.hidden_logprobs): no (B, T, V) logits kept."""
+    device = tokens.device
+    B, N = tokens.shape
+    plen = torch.tensor([len(p) for p in prompts], device=device)
+    W = int((plen + lengths).max())  # positions in use; the last one is only ever a target
+    seq = torch.full((B, int(plen.max()) + N), pad_id, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        seq[b, :len(p)] = torch.tensor(p, dtype=torch.long)
+    rows = torch.arange(B, device=device)[:, None]
+    t = torch.arange(N, device=device)[None, :]
+    live = t < lengths[:, None]  # (B, N)
+    seq[rows, plen[:, None] + t] = torch.where(live, tokens, pad_id)
+    seq = seq[:, :W]
+    read = (plen[:, None] + t - 1).clamp(max=W - 2)  # where each completion token's log-prob is read
+    targets = torch.full((B, W - 1), -100, dtype=torch.long, device=device)
+    targets[rows.expand(B, N)[live], read[live]] = tokens[live]
+    hidden = model.hidden(seq[:, :-1])
+    out = kernels.hidden_logprobs(hidden, model.lm_head.weight, targets, temperature,
+                                  return_entropy=return_entropy)
+    lp, ent = out if return_entropy else (out, None)
+    lp = torch.where(live, lp.gather(1, read), 0.0)
+    if return_entropy:
+        return lp, torch.where(live, ent.gather(1, read), 0.0)
+    return lp
+
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k from n samples of which c are correct (Chen et al. 2021, arXiv 2107.03374):
+    1 - C(n - c, k) / C(n, k), the chance that k of the n samples, drawn without replacement,
+    include a correct one."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    fail = 1.0
+    for i in range(n - c + 1, n + 1):  # C(n-c, k) / C(n, k) as a product, no huge integers
+        fail *= 1.0 - k / i
+    return 1.0 - fail
+
+
+@torch.no_grad()
+def evaluate_pass_at_k(model, tokenizer, problems, reward_fn, k, max_new_tokens, n=None,
+                       batch_size=256, **kwargs):
+    """Mean unbiased pass@k over problems, from n >= k sampled completions each (n defaults to k;
+    kwargs go to generate, e.g. temperature and seed)."""
+    n = k if n is None else n
+    per_batch = max(1, batch_size // n)
+    seed = kwargs.pop("seed", None)
+    total = 0.0
+    for i in range(0, len(problems), per_batch):
+        chunk = problems[i:i + per_batch]
+        ro = rollout(model, tokenizer, chunk, reward_fn, n, max_new_tokens,
+                     seed=None if seed is None else seed + i, **kwargs)
+        correct = (ro.rewards.view(len(chunk), n) >= 1.0).sum(1).tolist()
+        total += sum(pass_at_k(n, c, k) for c in correct)
+    return total / len(problems)

@@ -39,9 +39,10 @@ class Config:
     task: str = "arithmetic"    # arithmetic | countdown
     digits: int = 3             # arithmetic: operands in [0, 10**digits)
     op: str = "+"               # arithmetic: + or *
+    balanced: bool = True       # arithmetic training data: operand lengths uniform (data/arithmetic.py)
     n_numbers: int = 4          # countdown: 3 or 4 numbers
     max_number: int = 50        # countdown
-    n_train: int = 50000
+    n_train: int = 200000
     n_test: int = 500
     # model (ignored when init is given)
     n_layer: int = 4
@@ -51,13 +52,13 @@ class Config:
     dropout: float = 0.0
     init: str = ""              # start from this checkpoint (dir, or run dir: its latest)
     # optimisation
-    batch_size: int = 32        # global; split across ranks
-    lr: float = 1e-3
+    batch_size: int = 64        # global; split across ranks
+    lr: float = 2e-3
     min_lr: float = 1e-4        # cosine decay to this by max_steps
     warmup_steps: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    max_steps: int = 12000
+    max_steps: int = 5000
     # evaluation, stopping, output
     eval_every: int = 1000
     stop_accuracy: float = 2.0  # stop at the first evaluation with held-out accuracy >= this (2 = never)
@@ -113,8 +114,9 @@ def main():
     seed_everything(cfg.seed + d.rank)
     task, knobs = TASKS[cfg.task], cfg.task_knobs()
     tok = CharTokenizer()
-    train = task.dataset(cfg.n_train, "train", seed=cfg.seed, **knobs)
-    test = task.dataset(cfg.n_test, "test", seed=cfg.seed + 1, **knobs)
+    train_knobs = dict(knobs, balanced=cfg.balanced) if cfg.task == "arithmetic" else knobs
+    train = task.dataset(cfg.n_train, "train", seed=cfg.seed, **train_knobs)
+    test = task.dataset(cfg.n_test, "test", seed=cfg.seed + 1, **knobs)  # the task's own distribution
     longest_prompt = 1 + max(len(tok.encode(ex["prompt"])) for ex in train + test)
     max_new_tokens = max(len(tok.encode(ex["answer"])) for ex in train + test) + 8  # room to be wrong
 
@@ -173,7 +175,7 @@ def main():
         dt = time.time() - t0
         step_times.append(dt)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.3f}", acc=acc)
+        bar.set_postfix(loss=f"{loss_value:.3f}", acc=acc, refresh=False)
         extra = {}
         if d.device.type == "cuda":  # FLOPs per token from the PaLM formula, over the card's peak
             extra["mfu"] = model.estimate_mfu(idx.size(0), dt, seq_len=idx.size(1), peak_flops=cfg.peak_flops)

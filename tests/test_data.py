@@ -148,7 +148,25 @@ def test_arithmetic_sample_format():
         arithmetic.sample(rng, digits=0)
 
 
+def test_arithmetic_balanced_digit_counts():
+    """balanced: each operand's digit count is uniform over 1..digits (uniform operands are 90%
+    three-digit); the uniform draw is unchanged by the knob's existence."""
+    rng = random.Random(0)
+    counts = {1: 0, 2: 0, 3: 0}
+    for _ in range(3000):
+        p = arithmetic.sample(rng, digits=3, balanced=True)
+        for x in p["prompt"][:-1].split("+"):
+            counts[len(x)] += 1
+        assert arithmetic.reward(p["prompt"], p["answer"]) == 1.0
+    assert all(abs(c / 6000 - 1 / 3) < 0.03 for c in counts.values()), counts
+    uniform = [arithmetic.sample(random.Random(5), digits=3)["prompt"] for _ in range(3)]
+    assert uniform == [arithmetic.sample(random.Random(5), digits=3, balanced=False)["prompt"] for _ in range(3)]
+    full = sum(len(arithmetic.sample(rng, digits=3)["prompt"]) == 8 for _ in range(2000))
+    assert full / 2000 > 0.7  # 0.9 * 0.9 of plain draws are 3 + 3 digits
+
+
 @pytest.mark.parametrize("task,knobs", [(arithmetic, dict(digits=3, op="*")),
+                                        (arithmetic, dict(digits=3, op="+", balanced=True)),
                                         (arithmetic, dict(digits=2, op="+")),
                                         (countdown, dict(n_numbers=3, max_number=50)),
                                         (countdown, dict(n_numbers=4, max_number=20))])

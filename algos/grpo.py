@@ -1,0 +1,473 @@
+"""
+GRPO: Group Relative Policy Optimization (DeepSeekMath, arXiv 2402.03300), with the Dr. GRPO
+(arXiv 2503.20783), DAPO (arXiv 2503.14476) and RLOO options as config fields.
+
+    python algos/grpo.py                                  # 3-digit addition from a weak SFT base
+    python algos/grpo.py --init=runs/sft-.../ckpt/step_001500
+    python algos/grpo.py --advantage=drgrpo --loss_agg=seq-mean-token-sum-norm          # Dr. GRPO
+    python algos/grpo.py --loss_agg=token-mean --eps_high=0.28 --dynamic_sampling=True  # DAPO
+    torchrun --nproc_per_node=2 algos/grpo.py --init=...
+
+One step: draw prompts, sample G completions of each with sampler.py (KV cache), score them
+with the task's verifiable reward, turn the G rewards of a group into advantages, and take
+clipped-surrogate gradient steps on the log-probs of the sampled tokens. No value network: the
+group is the baseline. Without --init the script first trains a weak base with algos/sft.py
+(stopped at `base_accuracy` held-out accuracy) and reuses it on later runs.
+
+The loss (grpo_loss) is a pure function of tensors, tested against hand-computed values.
+Ends with `RESULT {json}` (base_accuracy, final_accuracy, minutes, ...).
+"""
+import copy
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from data import arithmetic, countdown
+from data.tokenizers import CharTokenizer
+from plumbing import (Metrics, autocast, cli_config, load_model, load_state, make_run_dir,
+                      print_result, resolve_checkpoint, rng_state, save_checkpoint, seed_everything,
+                      set_rng_state, setup_distributed, teardown_distributed)
+from sampler import Rollout, completion_logprobs, evaluate, evaluate_pass_at_k, rollout
+
+TASKS = {"arithmetic": arithmetic, "countdown": countdown}
+
+
+@dataclass
+class Config:
+    # task (training prompts come from the train split, evaluation from the disjoint test split)
+    task: str = "arithmetic"     # arithmetic | countdown
+    digits: int = 3              # arithmetic
+    op: str = "+"                # arithmetic
+    n_numbers: int = 4           # countdown
+    max_number: int = 50         # countdown
+    n_train: int = 50000
+    n_test: int = 500            # >= 500: with 200 the accuracy swings +-5 points between evals
+    # base model
+    init: str = ""               # SFT checkpoint (or run dir); "" = make one with algos/sft.py
+    base_accuracy: float = 0.3   # without init: stop that SFT at the first eval at or above this
+    base_dir: str = ""           # where that base lives, reused if present (default runs/base-<task>)
+    # sampling
+    group_size: int = 8          # G completions per prompt
+    prompts_per_step: int = 32   # global, split across ranks; each group stays on one rank
+    max_new_tokens: int = 0      # 0 = longest answer in the data + 8
+    temperature: float = 1.0     # the policy log-probs in the loss use the same temperature
+    # update
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    mu: int = 1                  # passes over each batch (policy updates per batch, GRPO's mu)
+    minibatches: int = 1         # optimizer steps per pass
+    grad_accum: int = 1          # micro-batches per optimizer step (same gradient, less memory)
+    # objective
+    advantage: str = "grpo"      # grpo: (r - mean) / (std + eps) | drgrpo: r - mean | rloo: leave-one-out
+    loss_agg: str = "seq-mean-token-mean"  # | token-mean (DAPO) | seq-mean-token-sum-norm (Dr. GRPO)
+    eps_low: float = 0.2         # ratio clipped to [1 - eps_low, 1 + eps_high]
+    eps_high: float = -1.0       # < 0: same as eps_low; DAPO's clip-higher uses 0.28
+    dual_clip: float = 0.0       # > 1 enables dual-clip for negative advantages (verl uses 3.0)
+    beta: float = 0.0            # KL weight to the frozen initial policy (paper 0.04; TRL now 0)
+    kl_estimator: str = "k3"     # k1 | k2 | k3 (Schulman); GRPO's paper uses k3
+    kl_mode: str = "loss"        # loss: + beta * KL per token | reward: r - beta * sum_t KL_t
+    entropy_coef: float = 0.0    # - entropy_coef * entropy per token
+    dynamic_sampling: bool = False  # DAPO: drop groups with all-equal rewards, sample more prompts
+    max_sampling_rounds: int = 4    # dynamic sampling gives up topping up after this many rollouts
+    overlong: str = "zero"       # zero: no EOS = reward 0 | soft: DAPO's length penalty as well
+    overlong_cache: int = 4      # soft: the last this-many tokens before max_new_tokens are penalised
+    # run
+    max_steps: int = 300
+    eval_every: int = 25
+    out_dir: str = ""
+    resume: str = ""
+    seed: int = 1337
+    device: str = ""
+    peak_flops: float = 989e12   # MFU on CUDA: H100 / H200 dense bf16
+
+    def __post_init__(self):
+        if self.eps_high < 0:
+            self.eps_high = self.eps_low
+        choices = dict(task=TASKS, advantage=("grpo", "drgrpo", "rloo"),
+                       loss_agg=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
+                       kl_estimator=("k1", "k2", "k3"), kl_mode=("loss", "reward"),
+                       overlong=("zero", "soft"))
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {sorted(allowed)}, got {getattr(self, name)!r}")
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (a group of one has no baseline), got {self.group_size}")
+        for name in ("prompts_per_step", "mu", "minibatches", "grad_accum", "max_steps", "eval_every",
+                     "n_train", "n_test", "max_sampling_rounds", "overlong_cache"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.beta < 0 or self.entropy_coef < 0 or self.weight_decay < 0:
+            raise ValueError("beta, entropy_coef and weight_decay must be >= 0")
+        if not 0 < self.eps_low < 1:
+            raise ValueError(f"eps_low must be in (0, 1), got {self.eps_low}")
+        if self.dual_clip != 0 and self.dual_clip <= 1:
+            raise ValueError(f"dual_clip must be 0 (off) or > 1, got {self.dual_clip}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for sampling, got {self.temperature}")
+        if not 0 < self.base_accuracy <= 1:
+            raise ValueError(f"base_accuracy must be in (0, 1], got {self.base_accuracy}")
+
+    def task_knobs(self):
+        if self.task == "arithmetic":
+            return dict(digits=self.digits, op=self.op)
+        return dict(n_numbers=self.n_numbers, max_number=self.max_number)
+
+
+# ---- the objective: pure functions of tensors ------------------------------------------------
+
+def group_advantages(rewards, kind, eps=1e-6):
+    """rewards (n_groups, G) -> advantages (n_groups, G), one number per completion that every
+    one of its tokens shares (outcome supervision).
+    grpo:   (r - mean) / (std + eps), std with Bessel's correction as TRL computes it (2402.03300 4.1.2)
+    drgrpo: r - mean; dividing by std up-weights too-easy and too-hard groups (2503.20783 3.1)
+    rloo:   r - mean of the other G - 1 rewards = G / (G - 1) * (r - mean)"""
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    if kind == "grpo":
+        return centred / (rewards.std(dim=1, keepdim=True) + eps)
+    if kind == "drgrpo":
+        return centred
+    if kind == "rloo":
+        G = rewards.size(1)
+        return centred * G / (G - 1)
+    raise ValueError(f"unknown advantage {kind!r}")
+
+
+def kl_estimate(logprobs, ref_logprobs, kind):
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi, d = log pi_ref - log pi
+    (Schulman, "Approximating KL divergence"): k1 = -d, k2 = d^2 / 2, k3 = exp(d) - d - 1 >= 0."""
+    d = ref_logprobs - logprobs
+    if kind == "k1":
+        return -d
+    if kind == "k2":
+        return 0.5 * d * d
+    if kind == "k3":
+        return torch.exp(d) - d - 1
+    raise ValueError(f"unknown kl estimator {kind!r}")
+
+
+def token_weights(mask, loss_agg, max_new_tokens, n_seqs=None, n_tokens=None):
+    """(B, N) weights w such that loss = sum(w * per_token_loss) is the chosen aggregation. The
+    weights are computed once over everything one optimizer step sees (pass n_seqs / n_tokens for
+    all ranks), then sliced into micro-batches: summing the micro-batch losses then gives exactly
+    the full-batch loss. Normalising inside each micro-batch instead weighs tokens of small
+    micro-batches more (the gradient-accumulation bug DAPO's token-mean is prone to).
+    token-mean:              sum over all tokens / number of tokens (DAPO)
+    seq-mean-token-mean:     mean over sequences of each sequence's token mean (GRPO's paper)
+    seq-mean-token-sum-norm: sum over all tokens / (sequences * max_new_tokens) (Dr. GRPO)"""
+    n_seqs = mask.size(0) if n_seqs is None else n_seqs
+    n_tokens = mask.sum() if n_tokens is None else n_tokens
+    if loss_agg == "token-mean":
+        return mask / n_tokens
+    if loss_agg == "seq-mean-token-mean":
+        return mask / mask.sum(dim=1, keepdim=True).clamp(min=1) / n_seqs
+    if loss_agg == "seq-mean-token-sum-norm":
+        return mask / (n_seqs * max_new_tokens)
+    raise ValueError(f"unknown loss_agg {loss_agg!r}")
+
+
+def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, weights, cfg, entropy=None):
+    """The clipped surrogate of GRPO (2402.03300 eq. 3) with the options of cfg.
+
+    logprobs (B, N) of the sampled tokens under the current policy (with grad); old_logprobs the
+    same under the policy that sampled them (no grad); ref_logprobs under the frozen reference
+    (None when beta = 0 or kl_mode = reward); advantages (B,); weights (B, N) from token_weights,
+    0 on padding. Per token, with rho = pi / pi_old:
+        l = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)
+            dual-clip (A < 0): l = min(l, -c A)
+            + beta * KL_t (kl_mode = loss)  - entropy_coef * H_t
+    Returns (sum(weights * l), stats dict of floats)."""
+    A = advantages[:, None]
+    ratio = torch.exp(logprobs - old_logprobs)
+    clipped = ratio.clamp(1 - cfg.eps_low, 1 + cfg.eps_high)
+    per_token = -torch.minimum(ratio * A, clipped * A)
+    if cfg.dual_clip:
+        per_token = torch.where(A < 0, torch.minimum(per_token, -cfg.dual_clip * A), per_token)
+    kl = None
+    if cfg.beta > 0 and cfg.kl_mode == "loss":
+        kl = kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator)
+        per_token = per_token + cfg.beta * kl
+    if cfg.entropy_coef > 0:
+        per_token = per_token - cfg.entropy_coef * entropy
+    loss = (weights * per_token).sum()
+
+    with torch.no_grad():
+        live = weights > 0
+        n = live.sum().clamp(min=1)
+        r = ratio[live]
+        # a clipped token gets no gradient: below the range with A < 0, above it with A > 0
+        low = ((ratio < 1 - cfg.eps_low) & (A < 0) & live).sum() / n
+        high = ((ratio > 1 + cfg.eps_high) & (A > 0) & live).sum() / n
+        stats = {"clip_low": low.item(), "clip_high": high.item(),
+                 "ratio_mean": r.mean().item() if r.numel() else 1.0,
+                 "ratio_max": r.max().item() if r.numel() else 1.0}
+        if kl is not None:
+            stats["kl"] = kl[live].mean().item() if r.numel() else 0.0
+    return loss, stats
+
+
+def overlong_penalty(lengths, max_new_tokens, cache):
+    """DAPO's soft overlong punishment (2503.14476 eq. 13): 0 up to max_new_tokens - cache
+    tokens, then falling linearly to -1 at max_new_tokens."""
+    start = max_new_tokens - cache
+    return ((start - lengths.float()) / cache).clamp(min=-1.0, max=0.0)
+
+
+# ---- sampling a batch ------------------------------------------------------------------------
+
+def sample_batch(model, tok, task, problems_rng, train, n_prompts, cfg, max_new_tokens, seed):
+    """Rollouts of n_prompts prompts x G. With dynamic sampling (DAPO), groups whose rewards are
+    all equal (zero advantage, zero gradient) are dropped and more prompts are drawn until
+    n_prompts informative groups are in hand or max_sampling_rounds rollouts were made; the
+    batch may then be smaller. Returns (rollout, stats)."""
+    G, kept, n_groups, n_flat = cfg.group_size, [], 0, 0
+    for rnd in range(cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
+        need = n_prompts - sum(len(k.problems) // G for k in kept)
+        draw = need if rnd == 0 else min(4 * n_prompts, 2 * need)  # over-draw to top up faster
+        ro = rollout(model, tok, problems_rng.choices(train, k=draw), task.reward, G, max_new_tokens,
+                     temperature=cfg.temperature, seed=seed * 100 + rnd)
+        flat = (ro.rewards.view(draw, G).std(dim=1) == 0).tolist()
+        n_groups, n_flat = n_groups + draw, n_flat + sum(flat)
+        if not cfg.dynamic_sampling:
+            kept.append(ro)
+            break
+        rows = [i * G + g for i in range(draw) if not flat[i] for g in range(G)]
+        if rows:
+            kept.append(ro.take(rows[:need * G]))
+        if len(rows) >= need * G:
+            break
+    if not kept:  # nothing informative at all: train on flat groups (zero gradient) rather than none
+        kept.append(ro.take(list(range(min(draw, n_prompts) * G))))
+    batch = Rollout.cat(kept)
+    return batch, {"flat_groups": n_flat / n_groups, "sampled_groups": n_groups,
+                   "batch_groups": len(batch.problems) // G}
+
+
+# ---- the script ------------------------------------------------------------------------------
+
+def base_dir_for(cfg):
+    knobs = "-".join(f"{k}={v}" for k, v in cfg.task_knobs().items())
+    return cfg.base_dir or os.path.join("runs", f"base-{cfg.task}-{knobs}-acc{cfg.base_accuracy}")
+
+
+def make_base(cfg):
+    """Train a weak SFT base (held-out accuracy around cfg.base_accuracy) once, then reuse it:
+    sft.py with its defaults, stopped at the first evaluation (every 250 steps) that reaches
+    base_accuracy. Accuracy jumps fast, so the base lands somewhat above the target."""
+    base_dir = base_dir_for(cfg)
+    if os.path.exists(os.path.join(base_dir, "result.json")):
+        return base_dir
+    args = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft.py"),
+            f"--task={cfg.task}", f"--stop_accuracy={cfg.base_accuracy}", "--eval_every=250",
+            f"--out_dir={base_dir}", f"--seed={cfg.seed}", f"--n_test={cfg.n_test}"]
+    args += [f"--{k}={v}" for k, v in cfg.task_knobs().items()]
+    print("grpo: no --init given; making a base model first:\n  " + " ".join(args[1:]), flush=True)
+    if subprocess.run(args).returncode != 0:
+        raise SystemExit("grpo: the base SFT run failed (see above)")
+    return base_dir
+
+
+def all_reduce_(tensors, world_size):
+    """Sum tensors across ranks in place (no-op for one process)."""
+    if world_size > 1:
+        for t in tensors:
+            dist.all_reduce(t)
+
+
+def main():
+    cfg = cli_config(Config)
+    d = setup_distributed(cfg.device or None)
+    seed_everything(cfg.seed + d.rank)
+    task, knobs = TASKS[cfg.task], cfg.task_knobs()
+    tok = CharTokenizer()
+    train = task.dataset(cfg.n_train, "train", seed=cfg.seed, **knobs)
+    test = task.dataset(cfg.n_test, "test", seed=cfg.seed + 1, **knobs)
+    max_new_tokens = cfg.max_new_tokens or max(len(tok.encode(ex["answer"])) for ex in train + test) + 8
+    longest_prompt = 1 + max(len(tok.encode(ex["prompt"])) for ex in train + test)
+    G = cfg.group_size
+    if cfg.prompts_per_step % d.world_size:
+        raise SystemExit(f"grpo: prompts_per_step {cfg.prompts_per_step} is not divisible by "
+                         f"{d.world_size} processes")
+    n_prompts = cfg.prompts_per_step // d.world_size
+
+    if not cfg.init and not cfg.resume:
+        if d.world_size > 1:
+            raise SystemExit("grpo: under torchrun give --init (make the base with one process first)")
+        cfg.init = make_base(cfg)
+    run_dir = make_run_dir(cfg.resume or cfg.out_dir, "grpo", cfg, d.master)
+    ckpt_dir = os.path.join(run_dir, "ckpt")
+    try:
+        model = load_model(run_dir if cfg.resume else cfg.init, d.device)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"grpo: {e}")
+    if model.config.vocab_size != tok.vocab_size:
+        raise SystemExit(f"grpo: checkpoint vocab_size {model.config.vocab_size} != tokenizer's {tok.vocab_size}")
+    if longest_prompt + max_new_tokens > model.config.block_size:
+        raise SystemExit(f"grpo: prompts of {longest_prompt} tokens + max_new_tokens {max_new_tokens} "
+                         f"do not fit the model's block_size {model.config.block_size}")
+    ref = None
+    if cfg.beta > 0:  # the frozen initial policy; with beta = 0 there is no reference at all
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type=d.device.type)
+    problems_rng = random.Random(cfg.seed * 1000 + d.rank)
+    step, state = 0, {"best": {"accuracy": -1.0, "step": None}, "base": None}
+    if cfg.resume:
+        saved = load_state(run_dir)
+        optimizer.load_state_dict(saved["optimizer"])
+        step, state = saved["step"], saved["state"]
+        problems_rng.setstate(saved["problems_rng"][d.rank])
+        set_rng_state(saved["rng"])
+    metrics = Metrics(run_dir, d.master)
+    if d.master:
+        print(f"grpo: {cfg.task} {knobs}, {model.get_num_params() / 1e6:.2f}M params from "
+              f"{resolve_checkpoint(cfg.resume and run_dir or cfg.init)}, device {d.device}, "
+              f"{d.world_size} process(es), {cfg.prompts_per_step} prompts x G={G}, run dir {run_dir}")
+
+    def evaluate_and_save(step):
+        """Greedy accuracy and pass@G on the held-out prompts, a checkpoint (rank 0 writes)."""
+        if d.world_size > 1:
+            rngs = [None] * d.world_size
+            dist.all_gather_object(rngs, problems_rng.getstate())
+        else:
+            rngs = [problems_rng.getstate()]
+        res = None
+        if d.master:
+            greedy = evaluate(model, tok, test, task.reward, max_new_tokens)
+            pk = evaluate_pass_at_k(model, tok, test, task.reward, G, max_new_tokens,
+                                    temperature=cfg.temperature, seed=cfg.seed + 7)
+            res = {"accuracy": greedy["accuracy"], f"pass@{G}": pk, "mean_tokens": greedy["mean_tokens"]}
+            if state["base"] is None:
+                state["base"] = res
+            if res["accuracy"] > state["best"]["accuracy"]:
+                state["best"] = {"accuracy": res["accuracy"], "step": step}
+            metrics.log(step=step, **{f"eval_{k}": v for k, v in res.items()})
+            save_checkpoint(ckpt_dir, f"step_{step:06d}", model, tok, optimizer,
+                            {"step": step, "state": state, "rng": rng_state(), "problems_rng": rngs})
+        return res
+
+    t_start = time.time()
+    last = evaluate_and_save(step) if step == 0 else None
+    if d.master and last:
+        print(f"step 0: held-out accuracy {last['accuracy']:.3f}, pass@{G} {last[f'pass@{G}']:.3f}", flush=True)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="grpo", disable=not d.master)
+    while step < cfg.max_steps:
+        t0 = time.time()
+        # 1. sample G completions per prompt with the current policy, and score them
+        step_seed = (cfg.seed * 1_000_003 + step) * d.world_size + d.rank
+        batch, ds = sample_batch(model, tok, task, problems_rng, train, n_prompts, cfg,
+                                 max_new_tokens, step_seed)
+        t_sampled = time.time()
+        mask = batch.mask()
+        task_rewards = batch.rewards
+        rewards = task_rewards.clone()
+        if cfg.overlong == "soft":
+            rewards = rewards + overlong_penalty(batch.lengths, max_new_tokens, cfg.overlong_cache)
+
+        # 2. log-probs that stay fixed during the update: old (the sampling policy) and reference.
+        # Old log-probs are recomputed by the training forward rather than taken from the sampler:
+        # the sampler's numbers come from a different code path (KV cache, bf16, fused kernel),
+        # so rho would not be exactly 1 on-policy. With one optimizer step per batch (mu = 1,
+        # minibatches = 1) the old policy *is* the current one: old = logprobs.detach() in the
+        # same forward, rho = 1, and the objective's gradient is REINFORCE with the advantages.
+        # For more steps per batch the old log-probs must be taken before the first of them.
+        off_policy = cfg.mu * cfg.minibatches > 1
+        old_lp = ref_lp = None
+        with torch.no_grad(), autocast(d.device):
+            if off_policy:
+                old_lp = completion_logprobs(model, batch.prompts, batch.tokens, batch.lengths,
+                                             cfg.temperature, pad_id=tok.pad_id)
+            if ref is not None:
+                ref_lp = completion_logprobs(ref, batch.prompts, batch.tokens, batch.lengths,
+                                             cfg.temperature, pad_id=tok.pad_id)
+        if ref is not None and cfg.kl_mode == "reward":  # KL as a cost paid by the whole completion
+            old_or_cur = old_lp if old_lp is not None else batch.logprobs  # only for the penalty
+            rewards = rewards - cfg.beta * (kl_estimate(old_or_cur, ref_lp, cfg.kl_estimator) * mask).sum(1)
+        adv = group_advantages(rewards.view(-1, G), cfg.advantage).view(-1)
+
+        # 3. mu passes x minibatches optimizer steps x grad_accum micro-batches
+        B = len(batch.problems)
+        order_gen = torch.Generator().manual_seed(step_seed)
+        stats, grad_norms, n_train_tokens = {}, [], 0
+        for _ in range(cfg.mu):
+            order = torch.randperm(B, generator=order_gen) if off_policy else torch.arange(B)
+            for mb in order.chunk(cfg.minibatches):
+                mb = mb.to(d.device)
+                counts = torch.stack([torch.tensor(float(len(mb)), device=d.device), mask[mb].sum()])
+                all_reduce_(counts, d.world_size)  # the normaliser spans every rank's batch
+                w = token_weights(mask[mb], cfg.loss_agg, max_new_tokens, counts[0], counts[1])
+                for micro in torch.arange(len(mb), device=d.device).chunk(cfg.grad_accum):
+                    rows = mb[micro]
+                    with autocast(d.device):
+                        lp, ent = completion_logprobs(model, [batch.prompts[r] for r in rows.tolist()],
+                                                      batch.tokens[rows], batch.lengths[rows],
+                                                      cfg.temperature, return_entropy=True,
+                                                      pad_id=tok.pad_id)
+                    old = old_lp[rows] if off_policy else lp.detach()
+                    loss, s = grpo_loss(lp, old, None if ref_lp is None else ref_lp[rows], adv[rows],
+                                        w[micro], cfg, entropy=ent)
+                    loss.backward()
+                    s["entropy"] = (ent.detach() * mask[rows]).sum().item()
+                    for k, v in s.items():
+                        stats.setdefault(k, []).append(v)
+                    n_train_tokens += sum(len(batch.prompts[r]) for r in rows.tolist()) + int(batch.lengths[rows].sum())
+                # the weights already divide by the global count, so ranks' gradients add up
+                all_reduce_([p.grad for p in model.parameters() if p.grad is not None], d.world_size)
+                grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item())
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        step += 1
+        t_done = time.time()
+
+        # 4. log
+        G_rewards = task_rewards.view(-1, G)
+        row = {"step": step, "reward": rewards.mean().item(), "accuracy": (task_rewards >= 1).float().mean().item(),
+               "flat_groups": ds["flat_groups"], "batch_groups": ds["batch_groups"],
+               "mixed_groups": (G_rewards.std(dim=1) > 0).float().mean().item(),
+               "entropy": sum(stats.pop("entropy")) / (cfg.mu * mask.sum().item()),
+               "clip_low": sum(stats["clip_low"]) / len(stats["clip_low"]),
+               "clip_high": sum(stats["clip_high"]) / len(stats["clip_high"]),
+               "ratio_mean": sum(stats["ratio_mean"]) / len(stats["ratio_mean"]),
+               "ratio_max": max(stats["ratio_max"]),
+               "len_mean": batch.lengths.float().mean().item(), "len_max": int(batch.lengths.max()),
+               "unfinished": 1 - batch.finished.float().mean().item(),
+               "grad_norm": sum(grad_norms) / len(grad_norms),
+               "sample_tok_s": int(mask.sum().item() / (t_sampled - t0)),
+               "train_tok_s": int(n_train_tokens / (t_done - t_sampled)),
+               "step_s": t_done - t0, "elapsed": time.time() - t_start}
+        if "kl" in stats:
+            row["kl"] = sum(stats["kl"]) / len(stats["kl"])
+        if d.device.type == "cuda":  # training FLOPs only: 6 N per token (the PaLM formula, no attention)
+            row["mfu"] = 6 * model.get_num_params() * n_train_tokens / (t_done - t_sampled) / cfg.peak_flops
+        metrics.log(**row)
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['reward']:.2f}", ent=f"{row['entropy']:.2f}",
+                        acc=None if last is None else f"{last['accuracy']:.3f}", refresh=False)
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            last = evaluate_and_save(step)
+            if d.master:
+                bar.write(f"step {step}: held-out accuracy {last['accuracy']:.3f}, pass@{G} "
+                          f"{last[f'pass@{G}']:.3f}, train reward {row['reward']:.3f}, entropy "
+                          f"{row['entropy']:.3f}, mixed groups {row['mixed_groups']:.2f}")
+    bar.close()
+    if d.master:
+        base = state["base"] or {}
+        print_result(run_dir, {"base_accuracy": base.get("accuracy"), "final_accuracy": last and last["accuracy"],
+                               f"base_pass@{G}": base.get(f"pass@{G}"),
+                               f"final_pass@{G}": last and last[f"pass@{G}"],
+                               "best_accuracy": state["best"]["accuracy"], "best_step": state["best"]["step"],
+                               "steps": step, "minutes": round((time.time() - t_start) / 60, 2),
+                               "checkpoint": resolve_checkpoint(run_dir)})
+    teardown_distributed()
+
+
+if __name__ == "__main__":
+    main()

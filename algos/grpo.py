@@ -80,7 +80,7 @@ class Config:
     overlong: str = "zero"       # zero: no EOS = reward 0 | soft: DAPO's length penalty as well
     overlong_cache: int = 4      # soft: the last this-many tokens before max_new_tokens are penalised
     # run
-    max_steps: int = 300
+    max_steps: int = 1000
     eval_every: int = 25
     out_dir: str = ""
     resume: str = ""
@@ -261,13 +261,13 @@ def base_dir_for(cfg):
 
 def make_base(cfg):
     """Train a weak SFT base (held-out accuracy around cfg.base_accuracy) once, then reuse it:
-    sft.py with its defaults, stopped at the first evaluation (every 250 steps) that reaches
+    sft.py with its defaults, stopped at the first evaluation (every 100 steps) that reaches
     base_accuracy. Accuracy jumps fast, so the base lands somewhat above the target."""
     base_dir = base_dir_for(cfg)
     if os.path.exists(os.path.join(base_dir, "result.json")):
         return base_dir
     args = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft.py"),
-            f"--task={cfg.task}", f"--stop_accuracy={cfg.base_accuracy}", "--eval_every=250",
+            f"--task={cfg.task}", f"--stop_accuracy={cfg.base_accuracy}", "--eval_every=100",
             f"--out_dir={base_dir}", f"--seed={cfg.seed}", f"--n_test={cfg.n_test}"]
     args += [f"--{k}={v}" for k, v in cfg.task_knobs().items()]
     print("grpo: no --init given; making a base model first:\n  " + " ".join(args[1:]), flush=True)

@@ -10,9 +10,10 @@ A GPT in one file, nanoGPT-style, with the seams post-training needs.
   the next input; `model.transformer.wte(idx)` gives the token part).
 - `positions` (B, T) are explicit, so a ragged batch in a KV cache gets each row's own
   positions; without a cache they default to 0..T-1.
-- `cache` is any object with `update(layer, k, v, positions) -> (k_all, v_all)` and `max_len`
-  (sampler.KVCache): keys/values are written in place at their positions and a query at position
-  p attends to the cache slots 0..p of its own row.
+- `cache` is any object with `update(layer, k, v, positions) -> (k_all, v_all)` and
+  `mask(positions) -> (B, 1, T, S) bool`: sampler.KVCache writes keys/values in place at their
+  positions and lets a query at position p see its row's slots 0..p; sampler.SharedPrefix lets
+  G completions of one prompt attend to that prompt's keys, computed once, with gradients.
 
 Variants are one config field and one small class each: `pos` picks how positions enter
 (learned table added to the input, rotary on q/k, or nothing), and later `attn` variants
@@ -224,10 +225,8 @@ class GPT(nn.Module):
         if self.config.pos == "learned":
             x = x + self.transformer.wpe(positions)
         x = self.transformer.drop(x)
-        mask = None
-        if cache is not None:  # a query at position p sees its row's cache slots 0..p
-            slots = torch.arange(cache.max_len, device=x.device)
-            mask = (slots[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # (B, 1, T, S)
+        # with a cache, the cache knows its slot layout and says which slots each query may see
+        mask = None if cache is None else cache.mask(positions)  # (B, 1, T, S) bool
         for i, block in enumerate(self.transformer.h):
             x = block(x, positions, mask, cache, i)
         return self.transformer.ln_f(x)

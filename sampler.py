@@ -50,6 +50,20 @@ class KVCache:
         self.v[layer][self.rows, :, positions] = v.transpose(1, 2)
         return self.k[layer], self.v[layer]
 
+    def mask(self, positions):
+        """(B, 1, T, max_len) bool: a query at position p sees its row's slots 0..p (slot = position)."""
+        slots = torch.arange(self.max_len, device=positions.device)
+        return (slots[None, None, :] <= positions[:, :, None]).unsqueeze(1)
+
+    def repeat_rows(self, n):
+        """A new cache with each row repeated n times (row b -> rows b*n .. b*n + n-1): a prompt
+        prefilled once serves n samples."""
+        out = KVCache.__new__(KVCache)
+        out.k, out.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
+        out.max_len = self.max_len
+        out.rows = torch.arange(out.k.size(1), device=out.k.device)[:, None]
+        return out
+
 
 def prefill(model, cache, idx, lengths):
     """Run the right-padded prompts idx (B, T) through the model, filling the cache.
@@ -154,11 +168,17 @@ def _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-             stop_tokens=(), seed=None, use_cache=True, pad_id=0, progress=False):
+             stop_tokens=(), seed=None, use_cache=True, pad_id=0, progress=False, num_samples=1):
     """Sample continuations of `prompts` (a list of token-id lists, any lengths). Stopping is per
     row (the stop token is kept and counted in lengths); the loop ends when every row stopped.
-    seed makes the draw reproducible; the model is put in eval mode for the call."""
+    seed makes the draw reproducible; the model is put in eval mode for the call.
+    num_samples > 1 samples each prompt that many times (rows prompt-major: row i * n + j is
+    prompt i's j-th sample), prefilling each prompt once and copying its cache rows."""
     _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_id)
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"generate: num_samples must be an int >= 1, got {num_samples!r}")
+    n_prompts = len(prompts)
+    prompts = [p for p in prompts for _ in range(num_samples)]
     device = next(model.parameters()).device
     B, N = len(prompts), max_new_tokens
     lens = torch.tensor([len(p) for p in prompts], device=device)
@@ -182,8 +202,11 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     was_training = model.training
     model.eval()
     if use_cache:
-        cache = KVCache.for_model(model, B, T + N)
-        logits = prefill(model, cache, seq[:, :T], lens)
+        cache = KVCache.for_model(model, n_prompts, T + N)
+        firsts = slice(None, None, num_samples)  # one row per distinct prompt
+        logits = prefill(model, cache, seq[firsts, :T], lens[firsts])
+        if num_samples > 1:
+            cache, logits = cache.repeat_rows(num_samples), logits.repeat_interleave(num_samples, dim=0)
     else:
         logits = full_forward(model, seq[:, :T], lens - 1)
     for t in tqdm(range(N), desc="generate", disable=not progress):
@@ -210,7 +233,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
 def sample_texts(model, tokenizer, prompts, max_new_tokens, **kwargs):
     """BOS + prompt -> generate until EOS -> text. Returns (Generation, texts, finished): texts
     without the EOS; finished[i] is False when row i hit max_new_tokens before emitting EOS.
-    kwargs go to generate (temperature, top_k, top_p, seed, ...)."""
+    kwargs go to generate (temperature, top_k, top_p, seed, num_samples, ...); with num_samples =
+    n the outputs have n rows per prompt, prompt-major."""
     ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
     out = generate(model, ids, max_new_tokens, stop_tokens=[tokenizer.eos_id], pad_id=tokenizer.pad_id, **kwargs)
     texts, finished = [], []
@@ -270,10 +294,10 @@ class Rollout:
 def rollout(model, tokenizer, problems, reward_fn, group_size, max_new_tokens, **kwargs):
     """Sample group_size completions of each problem (kwargs go to generate: temperature, seed, ...)
     and score each with reward_fn(prompt, text). A completion that never emitted EOS scores 0:
-    with no end there is no answer to check."""
+    with no end there is no answer to check. Each prompt is prefilled once for its group."""
     rows = [p for p in problems for _ in range(group_size)]
-    out, texts, finished = sample_texts(model, tokenizer, [p["prompt"] for p in rows], max_new_tokens,
-                                        **kwargs)
+    out, texts, finished = sample_texts(model, tokenizer, [p["prompt"] for p in problems], max_new_tokens,
+                                        num_samples=group_size, **kwargs)
     rewards = [reward_fn(p["prompt"], t) if f else 0.0 for p, t, f in zip(rows, texts, finished)]
     device = out.tokens.device
     return Rollout(rows, [[tokenizer.bos_id] + tokenizer.encode(p["prompt"]) for p in rows],
@@ -281,17 +305,62 @@ def rollout(model, tokenizer, problems, reward_fn, group_size, max_new_tokens, *
                    torch.tensor(rewards, dtype=torch.float32, device=device), texts)
 
 
+class SharedPrefix:
+    """The attention "cache" of a training forward over G completions per prompt that runs each
+    prompt once (Rollout rows are prompt-major groups, so most of a row is its shared prompt).
+
+    Pass 1 (recording): model.hidden over the P distinct prompts, right-padded to Tp; each
+    layer's keys / values are kept, autograd graph attached, and attention is causal.
+    Pass 2: model.hidden over the B = P * G completions at positions L_b + t; each layer attends
+    to [its prompt's keys, repeated G times | the completion's own keys], seeing prompt slots
+    below L_b and completion slots up to its own. The gradient reaching a prompt's keys is the
+    sum over its G completions, which is what the G separate forwards would give."""
+
+    def __init__(self, prompt_lengths, group_size):
+        self.plen, self.G, self.Tp = prompt_lengths, group_size, int(prompt_lengths.max())
+        self.k, self.v, self.recording = {}, {}, True
+
+    def update(self, layer, k, v, positions):
+        if self.recording:
+            self.k[layer], self.v[layer] = k, v
+            return k, v
+        k0 = self.k[layer].repeat_interleave(self.G, dim=0)
+        v0 = self.v[layer].repeat_interleave(self.G, dim=0)
+        return torch.cat([k0, k], dim=2), torch.cat([v0, v], dim=2)
+
+    def mask(self, positions):
+        B, T = positions.shape
+        device = positions.device
+        if self.recording:  # positions are 0..Tp-1 on every row: plain causal
+            return (torch.arange(T, device=device)[None, :] <= positions[:, :, None]).unsqueeze(1)
+        plen = self.plen.repeat_interleave(self.G)
+        prompt = torch.arange(self.Tp, device=device)[None, None, :] < plen[:, None, None]  # (B, 1, Tp)
+        own = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # completion slots <= t
+        return torch.cat([prompt.expand(B, T, self.Tp), own.expand(B, T, T)], dim=2).unsqueeze(1)
+
+
 def completion_logprobs(model, prompts, tokens, lengths, temperature=1.0, return_entropy=False,
-                        pad_id=0):
+                        pad_id=0, group_size=1):
     """log pi(token_t | prompt, tokens_<t) at `temperature` for every completion token, with
-    gradients: one training-mode forward over prompt + completion, right-padded.
+    gradients: a training-mode forward over prompt + completion.
 
     prompts: token-id lists (B); tokens (B, N); lengths (B,). Returns (B, N) float32 aligned with
     tokens (0 after a row's length), or (logprobs, entropy). The logits at position p predict the
     token at p + 1, so completion token t of row b (position L_b + t) is read at L_b + t - 1. The
-    unembedding is fused into the log-prob (kernels.hidden_logprobs): no (B, T, V) logits kept."""
+    unembedding is fused into the log-prob (kernels.hidden_logprobs): no (B, T, V) logits kept.
+
+    group_size = G > 1: rows come in groups of G sharing one prompt (checked); each prompt then
+    runs once and its G completions attend to it (SharedPrefix), which for short answers to
+    long prompts is most of the work saved. group_size = 1 is the plain, obviously-correct twin
+    (one right-padded forward per row); the tests compare the two in values and gradients."""
     device = tokens.device
     B, N = tokens.shape
+    if group_size > 1:
+        if B % group_size or any(prompts[i] != prompts[i - i % group_size] for i in range(B)):
+            raise ValueError(f"completion_logprobs: group_size {group_size} needs rows in groups of "
+                             f"{group_size} with one prompt each")
+        return _grouped_completion_logprobs(model, prompts[::group_size], tokens, lengths,
+                                            temperature, return_entropy, group_size)
     plen = torch.tensor([len(p) for p in prompts], device=device)
     W = int((plen + lengths).max())  # positions in use; the last one is only ever a target
     seq = torch.full((B, int(plen.max()) + N), pad_id, dtype=torch.long, device=device)
@@ -313,6 +382,34 @@ def completion_logprobs(model, prompts, tokens, lengths, temperature=1.0, return
     if return_entropy:
         return lp, torch.where(live, ent.gather(1, read), 0.0)
     return lp
+
+
+def _grouped_completion_logprobs(model, prompts, tokens, lengths, temperature, return_entropy, G):
+    device = tokens.device
+    B, N = tokens.shape
+    P = len(prompts)
+    plen = torch.tensor([len(p) for p in prompts], device=device)
+    Tp = int(plen.max())
+    pseq = torch.zeros((P, Tp), dtype=torch.long, device=device)  # padding is never attended to
+    for i, p in enumerate(prompts):
+        pseq[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+    cache = SharedPrefix(plen, G)
+    hp = model.hidden(pseq, positions=torch.arange(Tp, device=device).expand(P, Tp), cache=cache)
+    first = hp[torch.arange(P, device=device), plen - 1].repeat_interleave(G, dim=0)  # predicts token 0
+    W = int(lengths.max())
+    hidden = first[:, None]
+    if W > 1:  # completion token t (t < W - 1) at position L_b + t predicts token t + 1
+        cache.recording = False
+        pos = plen.repeat_interleave(G)[:, None] + torch.arange(W - 1, device=device)[None, :]
+        hidden = torch.cat([hidden, model.hidden(tokens[:, :W - 1], positions=pos, cache=cache)], dim=1)
+    live = torch.arange(W, device=device)[None, :] < lengths[:, None]  # (B, W)
+    targets = torch.where(live, tokens[:, :W], -100)
+    out = kernels.hidden_logprobs(hidden, model.lm_head.weight, targets, temperature,
+                                  return_entropy=return_entropy)
+    pad = (0, N - W)
+    if return_entropy:
+        return F.pad(out[0], pad), F.pad(out[1], pad)
+    return F.pad(out, pad)
 
 
 def pass_at_k(n, c, k):

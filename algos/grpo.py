@@ -283,6 +283,43 @@ def all_reduce_(tensors, world_size):
             dist.all_reduce(t)
 
 
+def minibatch_gradient(model, batch, groups, adv, old_lp, ref_lp, cfg, max_new_tokens, world_size,
+                       pad_id, stats=None):
+    """Accumulate into .grad the gradient of one optimizer step's loss over the groups `groups`
+    (indices of G-row groups of batch), in cfg.grad_accum micro-batches of whole groups (each
+    prompt then runs once for its G completions, see sampler.SharedPrefix). The normaliser
+    (token_weights) counts the rows and tokens of every rank, so each rank's loss is its share
+    of the global loss and the ranks' gradients are summed, not averaged. old_lp None =
+    on-policy (old = the same forward, detached). Appends per-micro-batch numbers to stats;
+    returns the number of tokens run through the model."""
+    G, device = cfg.group_size, batch.tokens.device
+    mask = batch.mask()
+    rows = (groups[:, None] * G + torch.arange(G, device=device)).flatten()
+    counts = torch.stack([torch.tensor(float(len(rows)), device=device), mask[rows].sum()])
+    all_reduce_(counts, world_size)
+    w = torch.zeros_like(mask)
+    w[rows] = token_weights(mask[rows], cfg.loss_agg, max_new_tokens, counts[0], counts[1])
+    stats = {} if stats is None else stats
+    n_tokens = 0
+    for part in rows.view(-1, G).chunk(cfg.grad_accum):
+        r = part.flatten()
+        prompts = [batch.prompts[i] for i in r.tolist()]
+        with autocast(device):
+            lp, ent = completion_logprobs(model, prompts, batch.tokens[r], batch.lengths[r],
+                                          cfg.temperature, return_entropy=True, pad_id=pad_id,
+                                          group_size=G)
+        old = lp.detach() if old_lp is None else old_lp[r]
+        loss, s = grpo_loss(lp, old, None if ref_lp is None else ref_lp[r], adv[r], w[r], cfg,
+                            entropy=ent)
+        loss.backward()
+        s["entropy"] = (ent.detach() * mask[r]).sum().item()
+        for k, v in s.items():
+            stats.setdefault(k, []).append(v)
+        n_tokens += sum(len(p) for p in prompts[::G]) + int(batch.lengths[r].sum())
+    all_reduce_([p.grad for p in model.parameters() if p.grad is not None], world_size)
+    return n_tokens
+
+
 def main():
     cfg = cli_config(Config)
     d = setup_distributed(cfg.device or None)
@@ -384,43 +421,25 @@ def main():
         with torch.no_grad(), autocast(d.device):
             if off_policy:
                 old_lp = completion_logprobs(model, batch.prompts, batch.tokens, batch.lengths,
-                                             cfg.temperature, pad_id=tok.pad_id)
+                                             cfg.temperature, pad_id=tok.pad_id, group_size=G)
             if ref is not None:
                 ref_lp = completion_logprobs(ref, batch.prompts, batch.tokens, batch.lengths,
-                                             cfg.temperature, pad_id=tok.pad_id)
+                                             cfg.temperature, pad_id=tok.pad_id, group_size=G)
         if ref is not None and cfg.kl_mode == "reward":  # KL as a cost paid by the whole completion
             old_or_cur = old_lp if old_lp is not None else batch.logprobs  # only for the penalty
             rewards = rewards - cfg.beta * (kl_estimate(old_or_cur, ref_lp, cfg.kl_estimator) * mask).sum(1)
         adv = group_advantages(rewards.view(-1, G), cfg.advantage).view(-1)
 
-        # 3. mu passes x minibatches optimizer steps x grad_accum micro-batches
-        B = len(batch.problems)
+        # 3. mu passes x minibatches optimizer steps, each over grad_accum micro-batches; the
+        # batch is cut between groups, never inside one
+        n_groups = len(batch.problems) // G
         order_gen = torch.Generator().manual_seed(step_seed)
         stats, grad_norms, n_train_tokens = {}, [], 0
         for _ in range(cfg.mu):
-            order = torch.randperm(B, generator=order_gen) if off_policy else torch.arange(B)
+            order = torch.randperm(n_groups, generator=order_gen) if off_policy else torch.arange(n_groups)
             for mb in order.chunk(cfg.minibatches):
-                mb = mb.to(d.device)
-                counts = torch.stack([torch.tensor(float(len(mb)), device=d.device), mask[mb].sum()])
-                all_reduce_(counts, d.world_size)  # the normaliser spans every rank's batch
-                w = token_weights(mask[mb], cfg.loss_agg, max_new_tokens, counts[0], counts[1])
-                for micro in torch.arange(len(mb), device=d.device).chunk(cfg.grad_accum):
-                    rows = mb[micro]
-                    with autocast(d.device):
-                        lp, ent = completion_logprobs(model, [batch.prompts[r] for r in rows.tolist()],
-                                                      batch.tokens[rows], batch.lengths[rows],
-                                                      cfg.temperature, return_entropy=True,
-                                                      pad_id=tok.pad_id)
-                    old = old_lp[rows] if off_policy else lp.detach()
-                    loss, s = grpo_loss(lp, old, None if ref_lp is None else ref_lp[rows], adv[rows],
-                                        w[micro], cfg, entropy=ent)
-                    loss.backward()
-                    s["entropy"] = (ent.detach() * mask[rows]).sum().item()
-                    for k, v in s.items():
-                        stats.setdefault(k, []).append(v)
-                    n_train_tokens += sum(len(batch.prompts[r]) for r in rows.tolist()) + int(batch.lengths[rows].sum())
-                # the weights already divide by the global count, so ranks' gradients add up
-                all_reduce_([p.grad for p in model.parameters() if p.grad is not None], d.world_size)
+                n_train_tokens += minibatch_gradient(model, batch, mb.to(d.device), adv, old_lp, ref_lp,
+                                                     cfg, max_new_tokens, d.world_size, tok.pad_id, stats)
                 grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item())
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

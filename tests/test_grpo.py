@@ -188,27 +188,62 @@ def test_gradient_accumulation_equals_full_batch(agg):
 
 # ---- rollouts and log-probs --------------------------------------------------------------------
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_completion_logprobs_match_the_sampler(temperature):
+@pytest.mark.parametrize("temperature, pad_is_stop", [(1.0, False), (0.7, False), (1.0, True)])
+def test_completion_logprobs_match_the_sampler(temperature, pad_is_stop):
     """The training forward re-scores the sampled tokens with the probabilities they were drawn
-    with: ragged prompts, rows stopping at different steps."""
+    with: ragged prompts, rows stopping at different steps, the stop token itself scored, and
+    nothing after it, also when the pad id is a stop id (masks come from lengths alone)."""
     model = tiny_model(n_layer=2)
     tok = CharTokenizer()
     prompts = [[tok.bos_id] + tok.encode(p) for p in ["1+2=", "123+456=", "9="]]
+    pad = 7 if pad_is_stop else tok.pad_id
     out = generate(model, prompts, 10, temperature=temperature, stop_tokens=range(30), seed=3,
-                   pad_id=tok.pad_id)
+                   pad_id=pad)
     assert len(set(out.lengths.tolist())) > 1
     lp, ent = completion_logprobs(model, prompts, out.tokens, out.lengths, temperature,
-                                  return_entropy=True, pad_id=tok.pad_id)
+                                  return_entropy=True, pad_id=pad)
     mask = out.mask().bool()
     assert torch.allclose(lp, out.logprobs, atol=1e-5)
     assert torch.all(lp[~mask] == 0) and torch.all(ent[~mask] == 0)
+    for b, n in enumerate(out.lengths.tolist()):
+        if n < 10:  # stopped: the stop token is the last masked-in token and has a real log-prob
+            assert out.tokens[b, n - 1] < 30 and mask[b, n - 1] and lp[b, n - 1] < 0
     # entropy: recompute the full forward of row 1 and read the distribution before each token
     L = len(prompts[1])
     seq = torch.tensor(prompts[1] + out.tokens[1, :out.lengths[1]].tolist())[None]
     logits, _ = model(seq)
     p = torch.softmax(logits[0, L - 1:L - 1 + out.lengths[1]] / temperature, -1)
     assert torch.allclose(ent[1, :out.lengths[1]], -(p * p.log()).sum(-1), atol=1e-5)
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope", "none"])
+def test_shared_prefix_equals_one_forward_per_row(pos):
+    """group_size = G runs each prompt once for its G completions: log-probs, entropies and
+    the gradient of every parameter equal the plain per-row forward (its slow twin)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=CharTokenizer().vocab_size, block_size=32, n_layer=2, n_head=2,
+                          n_embd=32, pos=pos))
+    tok = CharTokenizer()
+    G = 3
+    prompts = [[tok.bos_id] + tok.encode(p) for p in ["1+2=", "123+456=", "9="] for _ in range(G)]
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 40, (9, 7), generator=g)
+    lengths = torch.tensor([1, 7, 3, 2, 2, 5, 7, 4, 1])
+    w = torch.randn(9, 7, generator=g)
+    results = []
+    for group in (1, G):
+        model.zero_grad()
+        lp, ent = completion_logprobs(model, prompts, tokens, lengths, 0.8, return_entropy=True,
+                                      pad_id=tok.pad_id, group_size=group)
+        ((lp * w).sum() + ent.sum()).backward()
+        results.append((lp, ent, [p.grad.clone() for p in model.parameters()]))
+    (lp1, ent1, g1), (lp3, ent3, g3) = results
+    assert torch.allclose(lp1, lp3, atol=1e-5) and torch.allclose(ent1, ent3, atol=1e-5)
+    assert torch.all(lp3[torch.arange(7)[None] >= lengths[:, None]] == 0)
+    for a, b in zip(g1, g3):
+        assert torch.allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match="group_size"):
+        completion_logprobs(model, prompts[1:] + prompts[:1], tokens, lengths, group_size=G)
 
 
 def test_rollout_groups_rewards_and_unfinished():
@@ -323,3 +358,55 @@ def test_grpo_rejects_a_checkpoint_that_does_not_fit(tmp_path):
                         f"--out_dir={tmp_path / 'run'}", "--n_train=50", "--n_test=10"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode != 0 and "block_size" in p.stderr and "Traceback" not in p.stderr
+
+
+# ---- data-parallel: every rank's share of the normaliser ----------------------------------------
+
+def fixed_batch():
+    """A hand-made batch of 4 groups x 2 with very different lengths, and its advantages."""
+    tok = CharTokenizer()
+    g = torch.Generator().manual_seed(3)
+    prompts = [[tok.bos_id] + tok.encode(p) for p in ["1+2=", "1+2=", "45+6=", "45+6=", "7+7=", "7+7=",
+                                                        "300+1=", "300+1="]]
+    lengths = torch.tensor([1, 6, 2, 2, 5, 3, 6, 1])
+    tokens = torch.randint(0, 12, (8, 6), generator=g)
+    ro = Rollout([{"prompt": ""}] * 8, prompts, tokens, torch.zeros(8, 6), lengths,
+                 torch.ones(8, dtype=torch.bool), torch.tensor([1.0, 0, 0, 1, 1, 1, 0, 1]), [""] * 8)
+    adv = grpo.group_advantages(ro.rewards.view(-1, 2), "grpo").view(-1)
+    return ro, adv
+
+
+def _grpo_ddp_worker(rank, world, port, out, agg):
+    from plumbing import setup_distributed, teardown_distributed
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    setup_distributed("cpu")
+    model = tiny_model()
+    ro, adv = fixed_batch()
+    mine = ro.take(list(range(rank * 4, rank * 4 + 4)))  # two whole groups per rank
+    c = grpo.Config(loss_agg=agg, grad_accum=2, group_size=2, init="x")
+    grpo.minibatch_gradient(model, mine, torch.arange(2), adv[rank * 4:rank * 4 + 4], None, None, c,
+                            6, world, CharTokenizer().pad_id)
+    if rank == 0:
+        torch.save([p.grad for p in model.parameters()], out)
+    teardown_distributed()
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_two_ranks_give_the_one_process_gradient(tmp_path, agg):
+    """Two gloo processes with two groups each produce, after the all-reduce, the gradient one
+    process computes on all four groups: the token / sequence counts of the normaliser are
+    summed over ranks before the loss is formed. Tolerance 1e-6 (a different summation order)."""
+    import torch.multiprocessing as mp
+    from test_plumbing import _free_port
+    out = str(tmp_path / "g.pt")
+    mp.spawn(_grpo_ddp_worker, args=(2, _free_port(), out, agg), nprocs=2, join=True)
+    ddp = torch.load(out)
+    model = tiny_model()
+    ro, adv = fixed_batch()
+    grpo.minibatch_gradient(model, ro, torch.arange(4), adv, None, None,
+                            grpo.Config(loss_agg=agg, group_size=2, init="x"), 6, 1, CharTokenizer().pad_id)
+    for p, q in zip(model.parameters(), ddp):
+        assert torch.allclose(p.grad, q, atol=1e-6)
+    assert sum(p.grad.abs().sum() for p in model.parameters()) > 0

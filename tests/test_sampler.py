@@ -57,6 +57,26 @@ def test_cached_logprobs_match_full_forward(pos):
         assert torch.all(out.logprobs[i, n:] == 0)
 
 
+def test_num_samples_shares_the_prefill_and_equals_repeated_prompts():
+    """num_samples = 3 prefills each ragged prompt once and copies its cache rows; the draw
+    equals that of the prompts written out 3 times, with and without the cache."""
+    m = tiny("learned", std=0.3)
+    a = generate(m, RAGGED, 12, temperature=1.0, seed=5, stop_tokens=[0, 1], num_samples=3)
+    repeated = [p for p in RAGGED for _ in range(3)]
+    b = generate(m, repeated, 12, temperature=1.0, seed=5, stop_tokens=[0, 1])
+    c = generate(m, RAGGED, 12, temperature=1.0, seed=5, stop_tokens=[0, 1], num_samples=3,
+                 use_cache=False)
+    assert a.tokens.shape == (12, 12)
+    for other in (b, c):
+        assert torch.equal(a.tokens, other.tokens) and torch.equal(a.lengths, other.lengths)
+        assert torch.allclose(a.logprobs, other.logprobs, atol=1e-5)
+    assert not torch.equal(a.tokens[0], a.tokens[1])  # the 3 samples of a prompt differ
+    for i, ref in enumerate(full_logprobs(m, repeated, a, 1.0)):
+        assert torch.allclose(a.logprobs[i, :int(a.lengths[i])], ref, atol=1e-4)
+    with pytest.raises(ValueError, match="num_samples"):
+        generate(m, RAGGED, 4, num_samples=0)
+
+
 def test_stop_tokens_lengths_and_padding():
     m = tiny(std=0.3)
     out = generate(m, RAGGED * 8, 25, temperature=1.5, seed=0, stop_tokens=[2, 3], pad_id=28)

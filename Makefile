@@ -42,11 +42,13 @@ grpo-countdown:
 # the README's table: the same base, seed and step budget, three objectives
 DRGRPO = --advantage=drgrpo --loss_agg=seq-mean-token-sum-norm
 DAPO = --loss_agg=token-mean --eps_high=0.28 --dynamic_sampling=True
+RLOO = --advantage=rloo
 grpo-compare:
 	$(RUN) algos/grpo.py --out_dir=runs/cmp-grpo $(ARGS)
 	$(RUN) algos/grpo.py $(DRGRPO) --out_dir=runs/cmp-drgrpo $(ARGS)
 	$(RUN) algos/grpo.py $(DAPO) --out_dir=runs/cmp-dapo $(ARGS)
-	$(PY) plumbing.py compare runs/grpo-compare.png runs/cmp-grpo runs/cmp-drgrpo runs/cmp-dapo
+	$(RUN) algos/grpo.py $(RLOO) --out_dir=runs/cmp-rloo $(ARGS)
+	$(PY) plumbing.py compare runs/grpo-compare.png runs/cmp-grpo runs/cmp-drgrpo runs/cmp-dapo runs/cmp-rloo
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache runs kernels_cuda*.so

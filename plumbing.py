@@ -338,9 +338,12 @@ def compare_runs(run_dirs, out=None, curves=("eval_accuracy", "reward")):
         for ax, key in zip(axes[0], curves):
             for d, rs in zip(run_dirs, rows):
                 pts = [(r["step"], r[key]) for r in rs if key in r]
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=os.path.basename(os.path.normpath(d)))
+                k = max(1, len(pts) // 50)  # per-step curves are noisy: a running mean of k steps
+                ys = [sum(p[1] for p in pts[max(0, i - k + 1):i + 1]) / len(pts[max(0, i - k + 1):i + 1])
+                      for i in range(len(pts))]
+                ax.plot([p[0] for p in pts], ys, label=os.path.basename(os.path.normpath(d)))
             ax.set_xlabel("step")
-            ax.set_ylabel(key)
+            ax.set_ylabel(key if len(pts) < 100 else f"{key} (running mean)")
             ax.grid(alpha=0.3)
         axes[0, 0].legend(fontsize=8)
         fig.tight_layout()

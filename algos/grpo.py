@@ -29,14 +29,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import arithmetic, countdown
+from data import TASKS, task_knobs
 from data.tokenizers import CharTokenizer
 from plumbing import (Metrics, autocast, cli_config, load_model, load_state, make_run_dir,
                       print_result, resolve_checkpoint, rng_state, save_checkpoint, seed_everything,
                       set_rng_state, setup_distributed, teardown_distributed)
 from sampler import Rollout, completion_logprobs, evaluate, evaluate_pass_at_k, rollout
-
-TASKS = {"arithmetic": arithmetic, "countdown": countdown}
 
 
 @dataclass
@@ -117,10 +115,6 @@ class Config:
         if not 0 < self.base_accuracy <= 1:
             raise ValueError(f"base_accuracy must be in (0, 1], got {self.base_accuracy}")
 
-    def task_knobs(self):
-        if self.task == "arithmetic":
-            return dict(digits=self.digits, op=self.op)
-        return dict(n_numbers=self.n_numbers, max_number=self.max_number)
 
 
 # ---- the objective: pure functions of tensors ------------------------------------------------
@@ -255,7 +249,7 @@ def sample_batch(model, tok, task, problems_rng, train, n_prompts, cfg, max_new_
 # ---- the script ------------------------------------------------------------------------------
 
 def base_dir_for(cfg):
-    knobs = "-".join(f"{k}={v}" for k, v in cfg.task_knobs().items())
+    knobs = "-".join(f"{k}={v}" for k, v in task_knobs(cfg).items())
     return cfg.base_dir or os.path.join("runs", f"base-{cfg.task}-{knobs}-acc{cfg.base_accuracy}")
 
 
@@ -269,7 +263,7 @@ def make_base(cfg):
     args = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft.py"),
             f"--task={cfg.task}", f"--stop_accuracy={cfg.base_accuracy}", "--eval_every=100",
             f"--out_dir={base_dir}", f"--seed={cfg.seed}", f"--n_test={cfg.n_test}"]
-    args += [f"--{k}={v}" for k, v in cfg.task_knobs().items()]
+    args += [f"--{k}={v}" for k, v in task_knobs(cfg).items()]
     print("grpo: no --init given; making a base model first:\n  " + " ".join(args[1:]), flush=True)
     if subprocess.run(args).returncode != 0:
         raise SystemExit("grpo: the base SFT run failed (see above)")
@@ -324,7 +318,7 @@ def main():
     cfg = cli_config(Config)
     d = setup_distributed(cfg.device or None)
     seed_everything(cfg.seed + d.rank)
-    task, knobs = TASKS[cfg.task], cfg.task_knobs()
+    task, knobs = TASKS[cfg.task], task_knobs(cfg)
     tok = CharTokenizer()
     train = task.dataset(cfg.n_train, "train", seed=cfg.seed, **knobs)
     test = task.dataset(cfg.n_test, "test", seed=cfg.seed + 1, **knobs)
@@ -450,6 +444,7 @@ def main():
         G_rewards = task_rewards.view(-1, G)
         row = {"step": step, "reward": rewards.mean().item(), "accuracy": (task_rewards >= 1).float().mean().item(),
                "flat_groups": ds["flat_groups"], "batch_groups": ds["batch_groups"],
+               "sampled_groups": ds["sampled_groups"],
                "mixed_groups": (G_rewards.std(dim=1) > 0).float().mean().item(),
                "entropy": sum(stats.pop("entropy")) / (cfg.mu * mask.sum().item()),
                "clip_low": sum(stats["clip_low"]) / len(stats["clip_low"]),

@@ -22,15 +22,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import arithmetic, countdown
+from data import TASKS, task_knobs
 from data.tokenizers import CharTokenizer
 from model import GPT, GPTConfig
 from plumbing import (Metrics, autocast, cli_config, load_model, load_state, make_run_dir, print_result,
                       resolve_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state,
                       setup_distributed, teardown_distributed, atomic_write_text)
 from sampler import evaluate
-
-TASKS = {"arithmetic": arithmetic, "countdown": countdown}
 
 
 @dataclass
@@ -77,10 +75,6 @@ class Config:
         if self.lr <= 0 or self.min_lr < 0:
             raise ValueError(f"lr must be > 0 and min_lr >= 0, got lr={self.lr}, min_lr={self.min_lr}")
 
-    def task_knobs(self):
-        if self.task == "arithmetic":
-            return dict(digits=self.digits, op=self.op)
-        return dict(n_numbers=self.n_numbers, max_number=self.max_number)
 
 
 def lr_at(step, cfg):
@@ -112,7 +106,7 @@ def main():
     cfg = cli_config(Config)
     d = setup_distributed(cfg.device or None)
     seed_everything(cfg.seed + d.rank)
-    task, knobs = TASKS[cfg.task], cfg.task_knobs()
+    task, knobs = TASKS[cfg.task], task_knobs(cfg)
     tok = CharTokenizer()
     train_knobs = dict(knobs, balanced=cfg.balanced) if cfg.task == "arithmetic" else knobs
     train = task.dataset(cfg.n_train, "train", seed=cfg.seed, **train_knobs)

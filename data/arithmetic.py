@@ -14,6 +14,7 @@ import re
 
 from data.splits import distinct_problems, split_of  # noqa: F401 (split_of is part of the task API)
 
+KNOBS = ("digits", "op")  # balanced is a choice of training data, not of the task
 _PROMPT = re.compile(r"(0|[1-9][0-9]*)([+*])(0|[1-9][0-9]*)=")
 
 

@@ -15,6 +15,7 @@ from fractions import Fraction
 
 from data.splits import distinct_problems, split_of  # noqa: F401 (split_of is part of the task API)
 
+KNOBS = ("n_numbers", "max_number")
 _PROMPT = re.compile(r"([1-9][0-9]*(?:,[1-9][0-9]*)*):([1-9][0-9]*)=")
 _TOKEN = re.compile(r"[0-9]+|[-+*/()]")
 _PREC = {"+": 1, "-": 1, "*": 2, "/": 2}

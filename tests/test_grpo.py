@@ -314,6 +314,7 @@ def test_eps_high_defaults_to_eps_low():
 def run_grpo(tmp_path, *args):
     tok = CharTokenizer()
     model = tiny_model(block_size=32)
+    os.makedirs(tmp_path, exist_ok=True)
     save_checkpoint(str(tmp_path / "base"), "step_0", model, tok)
     env = {**os.environ, "PYTHONPATH": ROOT}
     return subprocess.run([sys.executable, os.path.join(ROOT, "algos", "grpo.py"),
@@ -410,3 +411,28 @@ def test_two_ranks_give_the_one_process_gradient(tmp_path, agg):
     for p, q in zip(model.parameters(), ddp):
         assert torch.allclose(p.grad, q, atol=1e-6)
     assert sum(p.grad.abs().sum() for p in model.parameters()) > 0
+
+
+def test_grpo_resume_continues_where_it_stopped(tmp_path):
+    """Stop after step 2 (a checkpoint), resume to step 4: the same weights and held-out numbers
+    as 4 steps in one go. Sampling seeds derive from the step, and the prompt RNG is saved."""
+    from safetensors.torch import load_file
+    straight = run_grpo(tmp_path / "a", "--max_steps=4")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    first = run_grpo(tmp_path / "b", "--max_steps=2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    resumed = subprocess.run([sys.executable, os.path.join(ROOT, "algos", "grpo.py"),
+                              f"--resume={tmp_path / 'b' / 'run'}", "--digits=1", "--n_train=50",
+                              "--n_test=10", "--prompts_per_step=4", "--group_size=4", "--max_steps=4",
+                              "--eval_every=2", "--device=cpu"],
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_file(str(tmp_path / "a" / "run" / "ckpt" / "step_000004" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "run" / "ckpt" / "step_000004" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    start = load_file(str(tmp_path / "a" / "base" / "step_0" / "model.safetensors"))
+    assert any(not torch.equal(a[k], start[k]) for k in a)
+    res = [json.loads(open(tmp_path / d / "run" / "result.json").read()) for d in ("a", "b")]
+    assert res[0]["final_accuracy"] == res[1]["final_accuracy"]
+    assert res[0]["base_accuracy"] == res[1]["base_accuracy"]

@@ -6,7 +6,7 @@ NPROC ?= 1
 # NPROC>1 runs the same script under torchrun (python -m torch.distributed.run)
 RUN = $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run --nproc_per_node=$(NPROC))
 
-.PHONY: setup test bench compile-check clean sft grpo grpo-countdown grpo-compare
+.PHONY: setup test bench compile-check clean sft grpo grpo-countdown grpo-compare ppo
 
 setup:
 	python3 -m venv $(VENV)
@@ -39,7 +39,11 @@ grpo:
 grpo-countdown:
 	$(RUN) algos/grpo.py --task=countdown --out_dir=runs/grpo-countdown $(ARGS)
 
-# the README's table: the same base, seed and step budget, three objectives
+# PPO with a value head and GAE, from the same base as make grpo
+ppo:
+	$(RUN) algos/ppo.py --out_dir=runs/ppo-arithmetic $(ARGS)
+
+# the README's table: the same base, seed and step budget, four objectives
 DRGRPO = --advantage=drgrpo --loss_agg=seq-mean-token-sum-norm
 DAPO = --loss_agg=token-mean --eps_high=0.28 --dynamic_sampling=True
 RLOO = --advantage=rloo

@@ -278,6 +278,13 @@ class Metrics:
                 f.write(json.dumps(row) + "\n")
 
 
+def peak_rss_mb():
+    """This process's peak resident memory in MiB (ru_maxrss is KiB on Linux); on CUDA also see
+    torch.cuda.max_memory_allocated."""
+    import resource
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def print_result(run_dir, result, master=True):
     """The last line of every algorithm script: `RESULT {json}`, also saved as result.json."""
     if master:

@@ -340,12 +340,14 @@ class SharedPrefix:
 
 
 def completion_logprobs(model, prompts, tokens, lengths, temperature=1.0, return_entropy=False,
-                        pad_id=0, group_size=1):
+                        pad_id=0, group_size=1, return_hidden=False):
     """log pi(token_t | prompt, tokens_<t) at `temperature` for every completion token, with
     gradients: a training-mode forward over prompt + completion.
 
     prompts: token-id lists (B); tokens (B, N); lengths (B,). Returns (B, N) float32 aligned with
-    tokens (0 after a row's length), or (logprobs, entropy). The logits at position p predict the
+    tokens (0 after a row's length); with return_entropy / return_hidden a tuple (logprobs,
+    [entropy (B, N)], [hidden (B, N, C): the final hidden state each token is predicted from,
+    which is where PPO's value head reads V(s_t)]). The logits at position p predict the
     token at p + 1, so completion token t of row b (position L_b + t) is read at L_b + t - 1. The
     unembedding is fused into the log-prob (kernels.hidden_logprobs): no (B, T, V) logits kept.
 
@@ -360,7 +362,7 @@ def completion_logprobs(model, prompts, tokens, lengths, temperature=1.0, return
             raise ValueError(f"completion_logprobs: group_size {group_size} needs rows in groups of "
                              f"{group_size} with one prompt each")
         return _grouped_completion_logprobs(model, prompts[::group_size], tokens, lengths,
-                                            temperature, return_entropy, group_size)
+                                            temperature, return_entropy, group_size, return_hidden)
     plen = torch.tensor([len(p) for p in prompts], device=device)
     W = int((plen + lengths).max())  # positions in use; the last one is only ever a target
     seq = torch.full((B, int(plen.max()) + N), pad_id, dtype=torch.long, device=device)
@@ -378,13 +380,16 @@ def completion_logprobs(model, prompts, tokens, lengths, temperature=1.0, return
     out = kernels.hidden_logprobs(hidden, model.lm_head.weight, targets, temperature,
                                   return_entropy=return_entropy)
     lp, ent = out if return_entropy else (out, None)
-    lp = torch.where(live, lp.gather(1, read), 0.0)
+    outs = [torch.where(live, lp.gather(1, read), 0.0)]
     if return_entropy:
-        return lp, torch.where(live, ent.gather(1, read), 0.0)
-    return lp
+        outs.append(torch.where(live, ent.gather(1, read), 0.0))
+    if return_hidden:
+        outs.append(hidden.gather(1, read[:, :, None].expand(B, N, hidden.size(-1))) * live[:, :, None])
+    return outs[0] if len(outs) == 1 else tuple(outs)
 
 
-def _grouped_completion_logprobs(model, prompts, tokens, lengths, temperature, return_entropy, G):
+def _grouped_completion_logprobs(model, prompts, tokens, lengths, temperature, return_entropy, G,
+                                 return_hidden):
     device = tokens.device
     B, N = tokens.shape
     P = len(prompts)
@@ -406,10 +411,10 @@ def _grouped_completion_logprobs(model, prompts, tokens, lengths, temperature, r
     targets = torch.where(live, tokens[:, :W], -100)
     out = kernels.hidden_logprobs(hidden, model.lm_head.weight, targets, temperature,
                                   return_entropy=return_entropy)
-    pad = (0, N - W)
-    if return_entropy:
-        return F.pad(out[0], pad), F.pad(out[1], pad)
-    return F.pad(out, pad)
+    outs = [F.pad(o, (0, N - W)) for o in (out if return_entropy else (out,))]
+    if return_hidden:
+        outs.append(F.pad(hidden * live[:, :, None], (0, 0, 0, N - W)))
+    return outs[0] if len(outs) == 1 else tuple(outs)
 
 
 def pass_at_k(n, c, k):

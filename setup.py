@@ -31,7 +31,7 @@ setup(
     version="0.1.0",
     description="Minimal from-scratch reference for LLM post-training and reasoning research",
     python_requires=">=3.10",
-    py_modules=["model", "sampler", "plumbing", "kernels"],
+    py_modules=["model", "sampler", "plumbing", "kernels", "rl"],
     packages=["data"],
     package_data={"data": ["tinytext.txt"]},
     extras_require={"plot": ["matplotlib"]},

@@ -14,14 +14,13 @@ clipped-surrogate gradient steps on the log-probs of the sampled tokens. No valu
 group is the baseline. Without --init the script first trains a weak base with algos/sft.py
 (stopped at `base_accuracy` held-out accuracy) and reuses it on later runs.
 
-The loss (grpo_loss) is a pure function of tensors, tested against hand-computed values.
+The loss (rl.clipped_policy_loss and the weights of rl.token_weights) is a pure function of
+tensors, tested against hand-computed values.
 Ends with `RESULT {json}` (base_accuracy, final_accuracy, minutes, ...).
 """
 import copy
 import os
 import random
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 
@@ -32,8 +31,9 @@ from tqdm import tqdm
 from data import TASKS, task_knobs
 from data.tokenizers import CharTokenizer
 from plumbing import (Metrics, autocast, cli_config, load_model, load_state, make_run_dir,
-                      print_result, resolve_checkpoint, rng_state, save_checkpoint, seed_everything,
-                      set_rng_state, setup_distributed, teardown_distributed)
+                      peak_rss_mb, print_result, resolve_checkpoint, rng_state, save_checkpoint,
+                      seed_everything, set_rng_state, setup_distributed, teardown_distributed)
+from rl import all_reduce_, clipped_policy_loss, kl_estimate, make_base, token_weights
 from sampler import Rollout, completion_logprobs, evaluate, evaluate_pass_at_k, rollout
 
 
@@ -136,79 +136,6 @@ def group_advantages(rewards, kind, eps=1e-6):
     raise ValueError(f"unknown advantage {kind!r}")
 
 
-def kl_estimate(logprobs, ref_logprobs, kind):
-    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi, d = log pi_ref - log pi
-    (Schulman, "Approximating KL divergence"): k1 = -d, k2 = d^2 / 2, k3 = exp(d) - d - 1 >= 0."""
-    d = ref_logprobs - logprobs
-    if kind == "k1":
-        return -d
-    if kind == "k2":
-        return 0.5 * d * d
-    if kind == "k3":
-        return torch.exp(d) - d - 1
-    raise ValueError(f"unknown kl estimator {kind!r}")
-
-
-def token_weights(mask, loss_agg, max_new_tokens, n_seqs=None, n_tokens=None):
-    """(B, N) weights w such that loss = sum(w * per_token_loss) is the chosen aggregation. The
-    weights are computed once over everything one optimizer step sees (pass n_seqs / n_tokens for
-    all ranks), then sliced into micro-batches: summing the micro-batch losses then gives exactly
-    the full-batch loss. Normalising inside each micro-batch instead weighs tokens of small
-    micro-batches more (the gradient-accumulation bug DAPO's token-mean is prone to).
-    token-mean:              sum over all tokens / number of tokens (DAPO)
-    seq-mean-token-mean:     mean over sequences of each sequence's token mean (GRPO's paper)
-    seq-mean-token-sum-norm: sum over all tokens / (sequences * max_new_tokens) (Dr. GRPO)"""
-    n_seqs = mask.size(0) if n_seqs is None else n_seqs
-    n_tokens = mask.sum() if n_tokens is None else n_tokens
-    if loss_agg == "token-mean":
-        return mask / n_tokens
-    if loss_agg == "seq-mean-token-mean":
-        return mask / mask.sum(dim=1, keepdim=True).clamp(min=1) / n_seqs
-    if loss_agg == "seq-mean-token-sum-norm":
-        return mask / (n_seqs * max_new_tokens)
-    raise ValueError(f"unknown loss_agg {loss_agg!r}")
-
-
-def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, weights, cfg, entropy=None):
-    """The clipped surrogate of GRPO (2402.03300 eq. 3) with the options of cfg.
-
-    logprobs (B, N) of the sampled tokens under the current policy (with grad); old_logprobs the
-    same under the policy that sampled them (no grad); ref_logprobs under the frozen reference
-    (None when beta = 0 or kl_mode = reward); advantages (B,); weights (B, N) from token_weights,
-    0 on padding. Per token, with rho = pi / pi_old:
-        l = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)
-            dual-clip (A < 0): l = min(l, -c A)
-            + beta * KL_t (kl_mode = loss)  - entropy_coef * H_t
-    Returns (sum(weights * l), stats dict of floats)."""
-    A = advantages[:, None]
-    ratio = torch.exp(logprobs - old_logprobs)
-    clipped = ratio.clamp(1 - cfg.eps_low, 1 + cfg.eps_high)
-    per_token = -torch.minimum(ratio * A, clipped * A)
-    if cfg.dual_clip:
-        per_token = torch.where(A < 0, torch.minimum(per_token, -cfg.dual_clip * A), per_token)
-    kl = None
-    if cfg.beta > 0 and cfg.kl_mode == "loss":
-        kl = kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator)
-        per_token = per_token + cfg.beta * kl
-    if cfg.entropy_coef > 0:
-        per_token = per_token - cfg.entropy_coef * entropy
-    loss = (weights * per_token).sum()
-
-    with torch.no_grad():
-        live = weights > 0
-        n = live.sum().clamp(min=1)
-        r = ratio[live]
-        # a clipped token gets no gradient: below the range with A < 0, above it with A > 0
-        low = ((ratio < 1 - cfg.eps_low) & (A < 0) & live).sum() / n
-        high = ((ratio > 1 + cfg.eps_high) & (A > 0) & live).sum() / n
-        stats = {"clip_low": low.item(), "clip_high": high.item(),
-                 "ratio_mean": r.mean().item() if r.numel() else 1.0,
-                 "ratio_max": r.max().item() if r.numel() else 1.0}
-        if kl is not None:
-            stats["kl"] = kl[live].mean().item() if r.numel() else 0.0
-    return loss, stats
-
-
 def overlong_penalty(lengths, max_new_tokens, cache):
     """DAPO's soft overlong punishment (2503.14476 eq. 13): 0 up to max_new_tokens - cache
     tokens, then falling linearly to -1 at max_new_tokens."""
@@ -248,35 +175,6 @@ def sample_batch(model, tok, task, problems_rng, train, n_prompts, cfg, max_new_
 
 # ---- the script ------------------------------------------------------------------------------
 
-def base_dir_for(cfg):
-    knobs = "-".join(f"{k}={v}" for k, v in task_knobs(cfg).items())
-    return cfg.base_dir or os.path.join("runs", f"base-{cfg.task}-{knobs}-acc{cfg.base_accuracy}")
-
-
-def make_base(cfg):
-    """Train a weak SFT base (held-out accuracy around cfg.base_accuracy) once, then reuse it:
-    sft.py with its defaults, stopped at the first evaluation (every 100 steps) that reaches
-    base_accuracy. Accuracy jumps fast, so the base lands somewhat above the target."""
-    base_dir = base_dir_for(cfg)
-    if os.path.exists(os.path.join(base_dir, "result.json")):
-        return base_dir
-    args = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft.py"),
-            f"--task={cfg.task}", f"--stop_accuracy={cfg.base_accuracy}", "--eval_every=100",
-            f"--out_dir={base_dir}", f"--seed={cfg.seed}", f"--n_test={cfg.n_test}"]
-    args += [f"--{k}={v}" for k, v in task_knobs(cfg).items()]
-    print("grpo: no --init given; making a base model first:\n  " + " ".join(args[1:]), flush=True)
-    if subprocess.run(args).returncode != 0:
-        raise SystemExit("grpo: the base SFT run failed (see above)")
-    return base_dir
-
-
-def all_reduce_(tensors, world_size):
-    """Sum tensors across ranks in place (no-op for one process)."""
-    if world_size > 1:
-        for t in tensors:
-            dist.all_reduce(t)
-
-
 def minibatch_gradient(model, batch, groups, adv, old_lp, ref_lp, cfg, max_new_tokens, world_size,
                        pad_id, stats=None):
     """Accumulate into .grad the gradient of one optimizer step's loss over the groups `groups`
@@ -303,7 +201,7 @@ def minibatch_gradient(model, batch, groups, adv, old_lp, ref_lp, cfg, max_new_t
                                           cfg.temperature, return_entropy=True, pad_id=pad_id,
                                           group_size=G)
         old = lp.detach() if old_lp is None else old_lp[r]
-        loss, s = grpo_loss(lp, old, None if ref_lp is None else ref_lp[r], adv[r], w[r], cfg,
+        loss, s = clipped_policy_loss(lp, old, None if ref_lp is None else ref_lp[r], adv[r], w[r], cfg,
                             entropy=ent)
         loss.backward()
         s["entropy"] = (ent.detach() * mask[r]).sum().item()
@@ -454,7 +352,7 @@ def main():
                "len_mean": batch.lengths.float().mean().item(), "len_max": int(batch.lengths.max()),
                "unfinished": 1 - batch.finished.float().mean().item(),
                "grad_norm": sum(grad_norms) / len(grad_norms),
-               "sample_tok_s": int(mask.sum().item() / (t_sampled - t0)),
+               "gen_tokens": int(mask.sum().item()), "sample_tok_s": int(mask.sum().item() / (t_sampled - t0)),
                "train_tok_s": int(n_train_tokens / (t_done - t_sampled)),
                "step_s": t_done - t0, "elapsed": time.time() - t_start}
         if "kl" in stats:
@@ -479,7 +377,7 @@ def main():
                                f"final_pass@{G}": last and last[f"pass@{G}"],
                                "best_accuracy": state["best"]["accuracy"], "best_step": state["best"]["step"],
                                "steps": step, "minutes": round((time.time() - t_start) / 60, 2),
-                               "checkpoint": resolve_checkpoint(run_dir)})
+                               "peak_rss_mb": peak_rss_mb(), "checkpoint": resolve_checkpoint(run_dir)})
     teardown_distributed()
 
 

@@ -31,6 +31,7 @@ from data import arithmetic  # noqa: E402
 from data.tokenizers import CharTokenizer  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from plumbing import load_model  # noqa: E402
+import rl  # noqa: E402
 from sampler import completion_logprobs, sample_texts  # noqa: E402
 
 
@@ -44,7 +45,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = grpo.Config(prompts_per_step=args.prompts, group_size=args.group_size, init=args.init or "x")
-    init = args.init or grpo.base_dir_for(cfg)
+    init = args.init or rl.base_dir_for(cfg)
     tok = CharTokenizer()
     if init and os.path.exists(init):
         model, what = load_model(init, "cpu"), f"base {init}"
@@ -80,8 +81,8 @@ def main():
             t2 = time.perf_counter()
             lp, ent = completion_logprobs(model, prompts, out.tokens, out.lengths, cfg.temperature,
                                           return_entropy=True, pad_id=tok.pad_id, group_size=share)
-            w = grpo.token_weights(out.mask(), cfg.loss_agg, max_new)
-            loss, _ = grpo.grpo_loss(lp, lp.detach(), None, adv, w, cfg, entropy=ent)
+            w = rl.token_weights(out.mask(), cfg.loss_agg, max_new)
+            loss, _ = rl.clipped_policy_loss(lp, lp.detach(), None, adv, w, cfg, entropy=ent)
             loss.backward()
             t3 = time.perf_counter()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -14,7 +14,7 @@ from data.tokenizers import CharTokenizer
 from model import GPT, GPTConfig
 from plumbing import save_checkpoint
 from sampler import Rollout, completion_logprobs, generate, pass_at_k, rollout
-import kernels
+import rl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "algos"))
@@ -68,9 +68,9 @@ def test_rloo_is_leave_one_out():
 def test_kl_estimators_hand_computed():
     lp, ref = torch.tensor([-1.0, -0.5]), torch.tensor([-2.0, -0.5])
     # d = ref - lp = -1, 0
-    assert torch.allclose(grpo.kl_estimate(lp, ref, "k1"), torch.tensor([1.0, 0.0]))
-    assert torch.allclose(grpo.kl_estimate(lp, ref, "k2"), torch.tensor([0.5, 0.0]))
-    assert torch.allclose(grpo.kl_estimate(lp, ref, "k3"), torch.tensor([math.exp(-1) + 1 - 1, 0.0]))
+    assert torch.allclose(rl.kl_estimate(lp, ref, "k1"), torch.tensor([1.0, 0.0]))
+    assert torch.allclose(rl.kl_estimate(lp, ref, "k2"), torch.tensor([0.5, 0.0]))
+    assert torch.allclose(rl.kl_estimate(lp, ref, "k3"), torch.tensor([math.exp(-1) + 1 - 1, 0.0]))
 
 
 def test_kl_estimators_are_unbiased_or_not_as_documented():
@@ -78,17 +78,17 @@ def test_kl_estimators_are_unbiased_or_not_as_documented():
     pi, ref = torch.tensor([0.6, 0.3, 0.1]), torch.tensor([0.2, 0.5, 0.3])
     exact = (pi * (pi / ref).log()).sum()
     lp, lr = pi.log(), ref.log()
-    assert torch.isclose((pi * grpo.kl_estimate(lp, lr, "k1")).sum(), exact)
-    assert torch.isclose((pi * grpo.kl_estimate(lp, lr, "k3")).sum(), exact)
-    assert not torch.isclose((pi * grpo.kl_estimate(lp, lr, "k2")).sum(), exact)
+    assert torch.isclose((pi * rl.kl_estimate(lp, lr, "k1")).sum(), exact)
+    assert torch.isclose((pi * rl.kl_estimate(lp, lr, "k3")).sum(), exact)
+    assert not torch.isclose((pi * rl.kl_estimate(lp, lr, "k2")).sum(), exact)
 
 
 def test_token_weights_hand_computed():
     m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
-    assert torch.allclose(grpo.token_weights(m, "token-mean", 3), m / 3)
-    assert torch.allclose(grpo.token_weights(m, "seq-mean-token-mean", 3),
+    assert torch.allclose(rl.token_weights(m, "token-mean", 3), m / 3)
+    assert torch.allclose(rl.token_weights(m, "seq-mean-token-mean", 3),
                           torch.tensor([[0.25, 0.25, 0.0], [0.5, 0.0, 0.0]]))
-    assert torch.allclose(grpo.token_weights(m, "seq-mean-token-sum-norm", 3), m / 6)
+    assert torch.allclose(rl.token_weights(m, "seq-mean-token-sum-norm", 3), m / 6)
 
 
 def test_overlong_penalty_hand_computed():
@@ -104,7 +104,7 @@ W = torch.tensor([[0.5, 0.5]])
 
 
 def test_loss_positive_advantage_hand_computed():
-    loss, s = grpo.grpo_loss(LP, OLD, None, torch.tensor([1.0]), W, cfg())
+    loss, s = rl.clipped_policy_loss(LP, OLD, None, torch.tensor([1.0]), W, cfg())
     # token 0: min(1.2214, clip 1.2) = 1.2; token 1: min(0.6703, 0.8) = 0.6703
     assert math.isclose(loss.item(), -(1.2 + math.exp(-0.4)) / 2, rel_tol=1e-6)
     assert s["clip_high"] == 0.5 and s["clip_low"] == 0.0
@@ -112,31 +112,31 @@ def test_loss_positive_advantage_hand_computed():
 
 
 def test_loss_negative_advantage_hand_computed_and_dual_clip():
-    loss, s = grpo.grpo_loss(LP, OLD, None, torch.tensor([-1.0]), W, cfg())
+    loss, s = rl.clipped_policy_loss(LP, OLD, None, torch.tensor([-1.0]), W, cfg())
     # token 0: -min(-1.2214, -1.2) = 1.2214; token 1: -min(-0.6703, -0.8) = 0.8 (clipped low)
     assert math.isclose(loss.item(), (math.exp(0.2) + 0.8) / 2, rel_tol=1e-6)
     assert s["clip_low"] == 0.5 and s["clip_high"] == 0.0
-    loss, _ = grpo.grpo_loss(LP, OLD, None, torch.tensor([-1.0]), W, cfg(dual_clip=1.1))
+    loss, _ = rl.clipped_policy_loss(LP, OLD, None, torch.tensor([-1.0]), W, cfg(dual_clip=1.1))
     assert math.isclose(loss.item(), (1.1 + 0.8) / 2, rel_tol=1e-6)  # 1.2214 capped at c * |A|
 
 
 def test_loss_clip_higher_and_kl_and_entropy_terms():
-    loss, s = grpo.grpo_loss(LP, OLD, None, torch.tensor([1.0]), W, cfg(eps_high=0.28))
+    loss, s = rl.clipped_policy_loss(LP, OLD, None, torch.tensor([1.0]), W, cfg(eps_high=0.28))
     assert math.isclose(loss.item(), -(math.exp(0.2) + math.exp(-0.4)) / 2, rel_tol=1e-6)
     assert s["clip_high"] == 0.0
     ref = torch.tensor([[-2.0, -0.5]])
-    loss, s = grpo.grpo_loss(LP, OLD, ref, torch.tensor([1.0]), W, cfg(beta=0.1))
+    loss, s = rl.clipped_policy_loss(LP, OLD, ref, torch.tensor([1.0]), W, cfg(beta=0.1))
     k3 = math.exp(-1) + 1 - 1  # token 0: d = -1; token 1: d = 0
     assert math.isclose(loss.item(), -(1.2 + math.exp(-0.4)) / 2 + 0.1 * k3 / 2, rel_tol=1e-6)
     assert math.isclose(s["kl"], k3 / 2, rel_tol=1e-6)
     ent = torch.tensor([[2.0, 4.0]])
-    loss, _ = grpo.grpo_loss(LP, OLD, None, torch.tensor([1.0]), W, cfg(entropy_coef=0.01), entropy=ent)
+    loss, _ = rl.clipped_policy_loss(LP, OLD, None, torch.tensor([1.0]), W, cfg(entropy_coef=0.01), entropy=ent)
     assert math.isclose(loss.item(), -(1.2 + math.exp(-0.4)) / 2 - 0.01 * 3.0, rel_tol=1e-6)
 
 
 def test_clipped_token_gets_no_gradient():
     lp = LP.clone().requires_grad_(True)
-    loss, _ = grpo.grpo_loss(lp, OLD, None, torch.tensor([1.0]), W, cfg())
+    loss, _ = rl.clipped_policy_loss(lp, OLD, None, torch.tensor([1.0]), W, cfg())
     loss.backward()
     assert lp.grad[0, 0] == 0  # rho above 1 + eps with A > 0: clipped
     assert math.isclose(lp.grad[0, 1].item(), -0.5 * math.exp(-0.4), rel_tol=1e-6)
@@ -147,8 +147,8 @@ def test_on_policy_gradient_is_reinforce():
     lp = torch.randn(4, 5).requires_grad_(True)
     mask = (torch.rand(4, 5) > 0.3).float()
     adv = torch.randn(4)
-    w = grpo.token_weights(mask, "seq-mean-token-mean", 5)
-    loss, s = grpo.grpo_loss(lp, lp.detach(), None, adv, w, cfg())
+    w = rl.token_weights(mask, "seq-mean-token-mean", 5)
+    loss, s = rl.clipped_policy_loss(lp, lp.detach(), None, adv, w, cfg())
     g, = torch.autograd.grad(loss, lp)
     reinforce, = torch.autograd.grad(-(w * adv[:, None] * lp).sum(), lp)
     assert torch.allclose(g, reinforce, atol=1e-7)
@@ -170,11 +170,11 @@ def test_gradient_accumulation_equals_full_batch(agg):
 
     def grads(micro_batches, global_norm):
         model.zero_grad()
-        w_all = grpo.token_weights(mask, agg, 6)
+        w_all = rl.token_weights(mask, agg, 6)
         for rows in micro_batches:
             lp = completion_logprobs(model, [prompts[r] for r in rows], tokens[rows], lengths[rows])
-            w = w_all[rows] if global_norm else grpo.token_weights(mask[rows], agg, 6) / len(micro_batches)
-            loss, _ = grpo.grpo_loss(lp, lp.detach(), None, adv[rows], w, cfg())
+            w = w_all[rows] if global_norm else rl.token_weights(mask[rows], agg, 6) / len(micro_batches)
+            loss, _ = rl.clipped_policy_loss(lp, lp.detach(), None, adv[rows], w, cfg())
             loss.backward()
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 
@@ -230,18 +230,25 @@ def test_shared_prefix_equals_one_forward_per_row(pos):
     tokens = torch.randint(0, 40, (9, 7), generator=g)
     lengths = torch.tensor([1, 7, 3, 2, 2, 5, 7, 4, 1])
     w = torch.randn(9, 7, generator=g)
+    v = torch.randn(32, generator=g)  # a value head's direction: hidden states carry gradients too
     results = []
     for group in (1, G):
         model.zero_grad()
-        lp, ent = completion_logprobs(model, prompts, tokens, lengths, 0.8, return_entropy=True,
-                                      pad_id=tok.pad_id, group_size=group)
-        ((lp * w).sum() + ent.sum()).backward()
-        results.append((lp, ent, [p.grad.clone() for p in model.parameters()]))
-    (lp1, ent1, g1), (lp3, ent3, g3) = results
+        lp, ent, h = completion_logprobs(model, prompts, tokens, lengths, 0.8, return_entropy=True,
+                                         pad_id=tok.pad_id, group_size=group, return_hidden=True)
+        ((lp * w).sum() + ent.sum() + (h @ v).sum()).backward()
+        results.append((lp, ent, h, [p.grad.clone() for p in model.parameters()]))
+    (lp1, ent1, h1, g1), (lp3, ent3, h3, g3) = results
     assert torch.allclose(lp1, lp3, atol=1e-5) and torch.allclose(ent1, ent3, atol=1e-5)
+    assert torch.allclose(h1, h3, atol=1e-5) and h3.shape == (9, 7, 32)
+    assert torch.all(h3[torch.arange(7)[None] >= lengths[:, None]] == 0)
+    # the hidden state of token t is the one its log-prob comes from
+    lp_h = torch.log_softmax(model.lm_head(h1) / 0.8, -1).gather(-1, tokens[:, :, None])[:, :, 0]
+    live = torch.arange(7)[None] < lengths[:, None]
+    assert torch.allclose(lp_h[live], lp1[live], atol=1e-5)
     assert torch.all(lp3[torch.arange(7)[None] >= lengths[:, None]] == 0)
-    for a, b in zip(g1, g3):
-        assert torch.allclose(a, b, atol=1e-5)
+    for a, b in zip(g1, g3):  # sums of ~40 tokens' terms, added in another order: relative 1e-5
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * a.abs().max().item())
     with pytest.raises(ValueError, match="group_size"):
         completion_logprobs(model, prompts[1:] + prompts[:1], tokens, lengths, group_size=G)
 
@@ -311,9 +318,9 @@ def test_eps_high_defaults_to_eps_low():
     assert grpo.Config(eps_high=0.28).eps_high == 0.28
 
 
-def run_grpo(tmp_path, *args):
+def run_grpo(tmp_path, *args, model=None):
     tok = CharTokenizer()
-    model = tiny_model(block_size=32)
+    model = model or tiny_model(block_size=32)
     os.makedirs(tmp_path, exist_ok=True)
     save_checkpoint(str(tmp_path / "base"), "step_0", model, tok)
     env = {**os.environ, "PYTHONPATH": ROOT}
@@ -417,15 +424,18 @@ def test_grpo_resume_continues_where_it_stopped(tmp_path):
     """Stop after step 2 (a checkpoint), resume to step 4: the same weights and held-out numbers
     as 4 steps in one go. Sampling seeds derive from the step, and the prompt RNG is saved."""
     from safetensors.torch import load_file
-    straight = run_grpo(tmp_path / "a", "--max_steps=4")
+    # a model that often says EOS early, rewarded by length (the soft overlong penalty): the
+    # rewards differ within groups, so the weights move (a plain random model earns 0 everywhere)
+    shaped = ["--overlong=soft", "--overlong_cache=8"]
+    straight = run_grpo(tmp_path / "a", "--max_steps=4", *shaped, model=eos_prone_model())
     assert straight.returncode == 0, straight.stderr[-2000:]
-    first = run_grpo(tmp_path / "b", "--max_steps=2")
+    first = run_grpo(tmp_path / "b", "--max_steps=2", *shaped, model=eos_prone_model())
     assert first.returncode == 0, first.stderr[-2000:]
     env = {**os.environ, "PYTHONPATH": ROOT}
     resumed = subprocess.run([sys.executable, os.path.join(ROOT, "algos", "grpo.py"),
                               f"--resume={tmp_path / 'b' / 'run'}", "--digits=1", "--n_train=50",
                               "--n_test=10", "--prompts_per_step=4", "--group_size=4", "--max_steps=4",
-                              "--eval_every=2", "--device=cpu"],
+                              "--eval_every=2", "--device=cpu", *shaped],
                              capture_output=True, text=True, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = load_file(str(tmp_path / "a" / "run" / "ckpt" / "step_000004" / "model.safetensors"))

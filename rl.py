@@ -11,7 +11,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-from data import task_knobs
+from data import TASKS, task_knobs
+from plumbing import load_model, make_run_dir, peak_rss_mb, resolve_checkpoint
+from sampler import evaluate, evaluate_pass_at_k
 
 
 def base_dir_for(cfg):
@@ -34,6 +36,58 @@ def make_base(cfg):
     if subprocess.run(args).returncode != 0:
         raise SystemExit("the base SFT run failed (see above)")
     return base_dir
+
+
+def start_run(cfg, method, d, tok):
+    """The start every RL script shares. Draws the task's train and held-out problems, sizes
+    max_new_tokens (the longest answer + 8 unless cfg says), makes the weak base when no --init
+    is given, opens the run directory and loads the policy (from cfg.init, or the run's latest
+    checkpoint with --resume), checked against the tokenizer and the lengths it must hold.
+    Returns (task, train, test, max_new_tokens, n_prompts per rank, run_dir, model)."""
+    task, knobs = TASKS[cfg.task], task_knobs(cfg)
+    train = task.dataset(cfg.n_train, "train", seed=cfg.seed, **knobs)
+    test = task.dataset(cfg.n_test, "test", seed=cfg.seed + 1, **knobs)
+    max_new_tokens = cfg.max_new_tokens or max(len(tok.encode(ex["answer"])) for ex in train + test) + 8
+    longest_prompt = 1 + max(len(tok.encode(ex["prompt"])) for ex in train + test)
+    if cfg.prompts_per_step % d.world_size:
+        raise SystemExit(f"{method}: prompts_per_step {cfg.prompts_per_step} is not divisible by "
+                         f"{d.world_size} processes")
+    if not cfg.init and not cfg.resume:
+        if d.world_size > 1:
+            raise SystemExit(f"{method}: under torchrun give --init (make the base with one process first)")
+        cfg.init = make_base(cfg)
+    run_dir = make_run_dir(cfg.resume or cfg.out_dir, method, cfg, d.master)
+    try:
+        model = load_model(run_dir if cfg.resume else cfg.init, d.device)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"{method}: {e}")
+    if model.config.vocab_size != tok.vocab_size:
+        raise SystemExit(f"{method}: checkpoint vocab_size {model.config.vocab_size} != tokenizer's {tok.vocab_size}")
+    if longest_prompt + max_new_tokens > model.config.block_size:
+        raise SystemExit(f"{method}: prompts of {longest_prompt} tokens + max_new_tokens {max_new_tokens} "
+                         f"do not fit the model's block_size {model.config.block_size}")
+    return task, train, test, max_new_tokens, cfg.prompts_per_step // d.world_size, run_dir, model
+
+
+def evaluate_policy(model, tok, problems, task, max_new_tokens, k, temperature, seed):
+    """Held-out numbers of an RL run: greedy accuracy, pass@k from k samples at the sampling
+    temperature (the same seed every time, so evaluations differ only by the model), and the
+    mean answer length in tokens."""
+    greedy = evaluate(model, tok, problems, task.reward, max_new_tokens)
+    pk = evaluate_pass_at_k(model, tok, problems, task.reward, k, max_new_tokens,
+                            temperature=temperature, seed=seed)
+    return {"accuracy": greedy["accuracy"], f"pass@{k}": pk, "mean_tokens": greedy["mean_tokens"]}
+
+
+def run_result(state, last, k, steps, minutes, run_dir):
+    """The RESULT of an RL run: held-out accuracy and pass@k of the base (the step-0 evaluation)
+    and of the last evaluation, the best evaluation, steps, minutes, peak memory, checkpoint."""
+    base, last = state["base"] or {}, last or {}
+    return {"base_accuracy": base.get("accuracy"), "final_accuracy": last.get("accuracy"),
+            f"base_pass@{k}": base.get(f"pass@{k}"), f"final_pass@{k}": last.get(f"pass@{k}"),
+            "best_accuracy": state["best"]["accuracy"], "best_step": state["best"]["step"],
+            "steps": steps, "minutes": round(minutes, 2), "peak_rss_mb": peak_rss_mb(),
+            "checkpoint": resolve_checkpoint(run_dir)}
 
 
 def all_reduce_(tensors, world_size):

@@ -29,11 +29,12 @@ from tqdm import tqdm
 
 from data import TASKS, task_knobs
 from data.tokenizers import CharTokenizer
-from plumbing import (Metrics, autocast, cli_config, load_model, load_state, make_run_dir,
-                      peak_rss_mb, print_result, resolve_checkpoint, rng_state, save_checkpoint,
-                      seed_everything, set_rng_state, setup_distributed, teardown_distributed)
-from rl import all_reduce_, clipped_policy_loss, make_base, token_weights
-from sampler import completion_logprobs, evaluate, evaluate_pass_at_k, rollout
+from plumbing import (Metrics, autocast, cli_config, load_state, print_result, resolve_checkpoint,
+                      rng_state, save_checkpoint, seed_everything, set_rng_state, setup_distributed,
+                      teardown_distributed)
+from rl import (all_reduce_, clipped_policy_loss, evaluate_policy, run_result, start_run,
+                token_weights)
+from sampler import completion_logprobs, rollout
 
 
 @dataclass
@@ -182,32 +183,11 @@ def main():
     cfg = cli_config(Config)
     d = setup_distributed(cfg.device or None)
     seed_everything(cfg.seed + d.rank)
-    task, knobs = TASKS[cfg.task], task_knobs(cfg)
     tok = CharTokenizer()
-    train = task.dataset(cfg.n_train, "train", seed=cfg.seed, **knobs)
-    test = task.dataset(cfg.n_test, "test", seed=cfg.seed + 1, **knobs)
-    max_new_tokens = cfg.max_new_tokens or max(len(tok.encode(ex["answer"])) for ex in train + test) + 8
-    longest_prompt = 1 + max(len(tok.encode(ex["prompt"])) for ex in train + test)
-    n = cfg.samples_per_prompt
-    if cfg.prompts_per_step % d.world_size:
-        raise SystemExit(f"ppo: prompts_per_step {cfg.prompts_per_step} is not divisible by "
-                         f"{d.world_size} processes")
-    n_prompts = cfg.prompts_per_step // d.world_size
-    if not cfg.init and not cfg.resume:
-        if d.world_size > 1:
-            raise SystemExit("ppo: under torchrun give --init (make the base with one process first)")
-        cfg.init = make_base(cfg)
-    run_dir = make_run_dir(cfg.resume or cfg.out_dir, "ppo", cfg, d.master)
+    task, train, test, max_new_tokens, n_prompts, run_dir, model = start_run(cfg, "ppo", d, tok)
+    knobs = task_knobs(cfg)
     ckpt_dir = os.path.join(run_dir, "ckpt")
-    try:
-        model = load_model(run_dir if cfg.resume else cfg.init, d.device)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"ppo: {e}")
-    if model.config.vocab_size != tok.vocab_size:
-        raise SystemExit(f"ppo: checkpoint vocab_size {model.config.vocab_size} != tokenizer's {tok.vocab_size}")
-    if longest_prompt + max_new_tokens > model.config.block_size:
-        raise SystemExit(f"ppo: prompts of {longest_prompt} tokens + max_new_tokens {max_new_tokens} "
-                         f"do not fit the model's block_size {model.config.block_size}")
+    n = cfg.samples_per_prompt
     ref = copy.deepcopy(model).eval().requires_grad_(False)  # the KL reward needs pi_ref
     # the critic: a value head on the policy's own trunk, or on a copy of it with its own optimizer
     critic = model if cfg.critic == "shared" else copy.deepcopy(model)
@@ -243,10 +223,7 @@ def main():
             dist.all_gather_object(rngs, problems_rng.getstate())
         res = None
         if d.master:
-            greedy = evaluate(model, tok, test, task.reward, max_new_tokens)
-            pk = evaluate_pass_at_k(model, tok, test, task.reward, n, max_new_tokens,
-                                    temperature=cfg.temperature, seed=cfg.seed + 7)
-            res = {"accuracy": greedy["accuracy"], f"pass@{n}": pk, "mean_tokens": greedy["mean_tokens"]}
+            res = evaluate_policy(model, tok, test, task, max_new_tokens, n, cfg.temperature, cfg.seed + 7)
             state["base"] = state["base"] or res
             if res["accuracy"] > state["best"]["accuracy"]:
                 state["best"] = {"accuracy": res["accuracy"], "step": step}
@@ -367,13 +344,7 @@ def main():
                           f"{ev:.2f}, kl {seq_kl:.4f}, entropy {row['entropy']:.3f}")
     bar.close()
     if d.master:
-        base = state["base"] or {}
-        print_result(run_dir, {"base_accuracy": base.get("accuracy"), "final_accuracy": last and last["accuracy"],
-                               f"base_pass@{n}": base.get(f"pass@{n}"),
-                               f"final_pass@{n}": last and last[f"pass@{n}"],
-                               "best_accuracy": state["best"]["accuracy"], "best_step": state["best"]["step"],
-                               "steps": step, "minutes": round((time.time() - t_start) / 60, 2),
-                               "peak_rss_mb": peak_rss_mb(), "checkpoint": resolve_checkpoint(run_dir)})
+        print_result(run_dir, run_result(state, last, n, step, (time.time() - t_start) / 60, run_dir))
     teardown_distributed()
 
 

@@ -129,8 +129,9 @@ def test_ppo_smoke_run(tmp_path, args):
     rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
     train_rows = [r for r in rows if "value_loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3]
-    for key in ("policy_loss", "value_loss", "explained_variance", "approx_kl", "clip_frac",
-                "value_clip_frac", "returns_mean", "adv_std", "entropy", "sample_tok_s", "train_tok_s"):
+    for key in ("policy_loss", "value_loss", "explained_variance", "approx_kl", "clip_frac", "clip_low",
+                "clip_high", "value_clip_frac", "returns_mean", "returns_std", "adv_mean", "adv_std",
+                "entropy", "mixed_groups", "kl", "beta", "grad_norm", "sample_tok_s", "train_tok_s"):
         assert all(math.isfinite(r[key]) for r in train_rows), key
     if "--target_kl=0.01" in args:
         assert len({r["beta"] for r in train_rows}) > 1  # the controller moved beta

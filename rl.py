@@ -1,8 +1,9 @@
 """
 What the RL scripts (algos/grpo.py, algos/ppo.py) share, below them: the weak SFT base they start
-from, KL estimators, the token weights that keep a loss aggregation exact under gradient
-accumulation and data parallelism, the clipped surrogate, masked statistics, and summing across
-ranks. The rollout itself (sample + score) and the training forward are in sampler.py.
+from, the start of a run (data, base, run directory, policy), the held-out evaluation and the
+RESULT, KL estimators, the token weights that keep a loss aggregation exact under gradient
+accumulation and data parallelism, the clipped surrogate, and summing across ranks. The rollout
+itself (sample + score) and the training forward are in sampler.py.
 """
 import os
 import subprocess

@@ -292,14 +292,19 @@ def print_result(run_dir, result, master=True):
         print("RESULT " + json.dumps(result), flush=True)
 
 
-def plot_run(run_dir, out=None):
-    """Plot every numeric metric of metrics.jsonl against step into one PNG."""
+def _pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("plotting needs matplotlib: pip install matplotlib")
+    return plt
+
+
+def plot_run(run_dir, out=None):
+    """Plot every numeric metric of metrics.jsonl against step into one PNG."""
+    plt = _pyplot()
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if line.strip()]
     keys = sorted({k for r in rows for k, v in r.items()
                    if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)})
@@ -338,9 +343,7 @@ def compare_runs(run_dirs, out=None, curves=("eval_accuracy", "reward")):
                                                    else str(r.get(k)) for k in numbers]
         lines.append(f"| {os.path.basename(os.path.normpath(d))} | " + " | ".join(cells) + " |")
     if out:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = _pyplot()
         fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 3.6), squeeze=False)
         for ax, key in zip(axes[0], curves):
             for d, rs in zip(run_dirs, rows):

@@ -140,6 +140,28 @@ def test_metrics_and_plot(tmp_path):
     assert os.path.getsize(out) > 1000
 
 
+def test_compare_runs_table_and_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from plumbing import compare_runs
+    dirs = []
+    for name, lr, acc in [("a", 1e-4, 0.5), ("b", 3e-4, 0.75)]:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"lr": lr, "seed": 1, "out_dir": str(d)}))
+        (d / "result.json").write_text(json.dumps({"final_accuracy": acc, "steps": 10, "checkpoint": "x"}))
+        m = Metrics(d)
+        for s in range(10):
+            m.log(step=s, reward=s / 10)
+        m.log(step=10, eval_accuracy=acc)
+        dirs.append(str(d))
+    table = compare_runs(dirs, out=str(tmp_path / "c.png")).splitlines()
+    assert table[0] == "| run | lr | final_accuracy | steps |"  # only what differs, only numbers
+    assert table[2] == "| a | 0.0001 | 0.500 | 10 |" and table[3] == "| b | 0.0003 | 0.750 | 10 |"
+    assert os.path.getsize(tmp_path / "c.png") > 1000
+    with pytest.raises(SystemExit, match="not a finished run"):
+        compare_runs([str(tmp_path)])
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -39,20 +39,20 @@ def make_base(cfg):
     return base_dir
 
 
-def start_run(cfg, method, d, tok):
+def start_run(cfg, method, d, tok, per_step):
     """The start every RL script shares. Draws the task's train and held-out problems, sizes
     max_new_tokens (the longest answer + 8 unless cfg says), makes the weak base when no --init
     is given, opens the run directory and loads the policy (from cfg.init, or the run's latest
     checkpoint with --resume), checked against the tokenizer and the lengths it must hold.
-    Returns (task, train, test, max_new_tokens, n_prompts per rank, run_dir, model)."""
+    per_step is the script's global batch (prompts, or pairs for DPO), split across ranks.
+    Returns (task, train, test, max_new_tokens, per_step per rank, run_dir, model)."""
     task, knobs = TASKS[cfg.task], task_knobs(cfg)
     train = task.dataset(cfg.n_train, "train", seed=cfg.seed, **knobs)
     test = task.dataset(cfg.n_test, "test", seed=cfg.seed + 1, **knobs)
     max_new_tokens = cfg.max_new_tokens or max(len(tok.encode(ex["answer"])) for ex in train + test) + 8
     longest_prompt = 1 + max(len(tok.encode(ex["prompt"])) for ex in train + test)
-    if cfg.prompts_per_step % d.world_size:
-        raise SystemExit(f"{method}: prompts_per_step {cfg.prompts_per_step} is not divisible by "
-                         f"{d.world_size} processes")
+    if per_step % d.world_size:
+        raise SystemExit(f"{method}: a global batch of {per_step} is not divisible by {d.world_size} processes")
     if not cfg.init and not cfg.resume:
         if d.world_size > 1:
             raise SystemExit(f"{method}: under torchrun give --init (make the base with one process first)")
@@ -67,7 +67,7 @@ def start_run(cfg, method, d, tok):
     if longest_prompt + max_new_tokens > model.config.block_size:
         raise SystemExit(f"{method}: prompts of {longest_prompt} tokens + max_new_tokens {max_new_tokens} "
                          f"do not fit the model's block_size {model.config.block_size}")
-    return task, train, test, max_new_tokens, cfg.prompts_per_step // d.world_size, run_dir, model
+    return task, train, test, max_new_tokens, per_step // d.world_size, run_dir, model
 
 
 def evaluate_policy(model, tok, problems, task, max_new_tokens, k, temperature, seed):

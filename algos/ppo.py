@@ -184,7 +184,7 @@ def main():
     d = setup_distributed(cfg.device or None)
     seed_everything(cfg.seed + d.rank)
     tok = CharTokenizer()
-    task, train, test, max_new_tokens, n_prompts, run_dir, model = start_run(cfg, "ppo", d, tok)
+    task, train, test, max_new_tokens, n_prompts, run_dir, model = start_run(cfg, "ppo", d, tok, cfg.prompts_per_step)
     knobs = task_knobs(cfg)
     ckpt_dir = os.path.join(run_dir, "ckpt")
     n = cfg.samples_per_prompt

@@ -6,7 +6,7 @@ NPROC ?= 1
 # NPROC>1 runs the same script under torchrun (python -m torch.distributed.run)
 RUN = $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run --nproc_per_node=$(NPROC))
 
-.PHONY: setup test bench compile-check clean sft grpo grpo-countdown grpo-compare ppo
+.PHONY: setup test bench compile-check clean sft grpo grpo-countdown grpo-compare ppo dpo dpo-compare irpo
 
 setup:
 	python3 -m venv $(VENV)
@@ -53,6 +53,25 @@ grpo-compare:
 	$(RUN) algos/grpo.py $(DAPO) --out_dir=runs/cmp-dapo $(ARGS)
 	$(RUN) algos/grpo.py $(RLOO) --out_dir=runs/cmp-rloo $(ARGS)
 	$(PY) plumbing.py compare runs/grpo-compare.png runs/cmp-grpo runs/cmp-drgrpo runs/cmp-dapo runs/cmp-rloo
+
+# DPO on pairs sampled from the same base (a correct vs an incorrect answer to a training
+# prompt), written to the run dir as pairs_1.jsonl
+dpo:
+	$(RUN) algos/dpo.py --out_dir=runs/dpo-arithmetic $(ARGS)
+
+# the README's DPO table: one pair file (and one cached set of reference log-probs), five losses
+CMP_PAIRS = --data=runs/cmp-dpo/pairs_1.jsonl
+dpo-compare:
+	$(RUN) algos/dpo.py --out_dir=runs/cmp-dpo $(ARGS)
+	$(RUN) algos/dpo.py $(CMP_PAIRS) --beta=0.5 --out_dir=runs/cmp-dpo-beta0.5 $(ARGS)
+	$(RUN) algos/dpo.py $(CMP_PAIRS) --loss=cdpo --cdpo_eps=0.1 --out_dir=runs/cmp-cdpo $(ARGS)
+	$(RUN) algos/dpo.py $(CMP_PAIRS) --loss=ipo --beta=0.1 --out_dir=runs/cmp-ipo $(ARGS)
+	$(RUN) algos/dpo.py $(CMP_PAIRS) --alpha=1 --out_dir=runs/cmp-dpo-nll $(ARGS)
+	$(PY) plumbing.py compare runs/dpo-compare.png --curves=eval_accuracy,margin runs/cmp-dpo runs/cmp-dpo-beta0.5 runs/cmp-cdpo runs/cmp-ipo runs/cmp-dpo-nll
+
+# IRPO: 3 rounds of sample -> pair -> DPO + NLL, each from (and against) the last round's model
+irpo:
+	$(RUN) algos/dpo.py --iterations=3 --alpha=1 --out_dir=runs/irpo-arithmetic $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache runs kernels_cuda*.so

@@ -253,11 +253,17 @@ def load_state(path):
 
 def make_run_dir(out_dir, method, config, master=True):
     """runs/<method>-<timestamp>/ unless out_dir is given; writes config.json there. Checks that
-    the directory is writable now, not after an hour of training."""
+    the directory is writable now, not after an hour of training. A fresh run (config.resume
+    empty) in a directory that already holds metrics.jsonl moves it to metrics.prev.jsonl, so
+    the new run's curves are not appended to the old ones."""
     out_dir = out_dir or os.path.join("runs", f"{method}-{time.strftime('%Y%m%d-%H%M%S')}")
     if master:
         try:
             os.makedirs(os.path.join(out_dir, "ckpt"), exist_ok=True)
+            old = os.path.join(out_dir, "metrics.jsonl")
+            if not getattr(config, "resume", "") and os.path.exists(old):
+                os.replace(old, os.path.join(out_dir, "metrics.prev.jsonl"))
+                print(f"{out_dir} held an earlier run: its metrics.jsonl is now metrics.prev.jsonl")
             atomic_write_text(os.path.join(out_dir, "config.json"),
                               json.dumps(dataclasses.asdict(config), indent=2))
         except OSError as e:
@@ -365,7 +371,10 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "plot":
         print(plot_run(sys.argv[2]))
     elif len(sys.argv) >= 4 and sys.argv[1] == "compare":
-        print(compare_runs(sys.argv[3:], out=sys.argv[2]))
+        runs, curves = sys.argv[3:], ("eval_accuracy", "reward")
+        if runs[0].startswith("--curves="):
+            runs, curves = runs[1:], tuple(runs[0][len("--curves="):].split(","))
+        print(compare_runs(runs, out=sys.argv[2], curves=curves))
     else:
         sys.exit("usage: python plumbing.py plot RUN_DIR\n"
-                 "       python plumbing.py compare OUT.png RUN_DIR RUN_DIR ...")
+                 "       python plumbing.py compare OUT.png [--curves=KEY,KEY] RUN_DIR RUN_DIR ...")

@@ -59,7 +59,7 @@ class Config:
     base_dir: str = ""
     # preference pairs
     data: str = ""               # offline: a JSONL file of pairs; "" = sample them from the model
-    pair_prompts: int = 2000     # training prompts sampled per round of pair making
+    pair_prompts: int = 8000     # training prompts sampled per round of pair making
     samples_per_prompt: int = 8  # N completions per prompt (IRPO paper: 30)
     pairs_per_prompt: int = 4    # K pairs drawn from winners x losers per prompt (paper: 10)
     temperature: float = 1.0     # sampling temperature for pair making (the loss uses T = 1)
@@ -425,10 +425,15 @@ def main():
             optimizer.zero_grad(set_to_none=True)
             state["round_step"] += 1
             state["step"] += 1
-            metrics.log(step=state["step"], round=rnd, loss=losses.mean().item(), grad_norm=grad_norm,
-                        step_s=time.time() - t0, elapsed=time.time() - t_start, **s)
+            s["loss"] = losses.mean().item()
+            if d.world_size > 1:  # every rank holds an equal share of the batch: the mean of means
+                v = torch.tensor(list(s.values()), device=d.device)
+                all_reduce_([v], d.world_size)
+                s = dict(zip(s, (v / d.world_size).tolist()))
+            metrics.log(step=state["step"], round=rnd, grad_norm=grad_norm, step_s=time.time() - t0,
+                        elapsed=time.time() - t_start, **s)
             bar.update(1)
-            bar.set_postfix(loss=f"{losses.mean().item():.3f}", racc=f"{s['reward_accuracy']:.2f}",
+            bar.set_postfix(loss=f"{s['loss']:.3f}", racc=f"{s['reward_accuracy']:.2f}",
                             acc=None if last is None else f"{last['accuracy']:.3f}", refresh=False)
             if state["round_step"] % cfg.eval_every == 0 and state["round_step"] < n_steps:
                 last = evaluate_held_out(val)
@@ -436,7 +441,7 @@ def main():
                 if d.master:
                     bar.write(f"step {state['step']}: held-out accuracy {last['accuracy']:.3f}"
                               + (f", val reward accuracy {last['val_reward_accuracy']:.3f}" if val else "")
-                              + f", loss {losses.mean().item():.4f}")
+                              + f", loss {s['loss']:.4f}")
         bar.close()
         # 4. the round's model: evaluated, saved, and the reference of the next round
         last = evaluate_held_out(val)

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from model import GPT, GPTConfig
 from plumbing import (ConfigError, load_model, load_state, parse_config, resolve_checkpoint,
-                      save_checkpoint, setup_distributed, teardown_distributed, plot_run, Metrics)
+                      save_checkpoint, setup_distributed, teardown_distributed, plot_run, Metrics, make_run_dir)
 
 
 @dataclass
@@ -138,6 +138,23 @@ def test_metrics_and_plot(tmp_path):
     assert rows[0] == {"step": 0, "loss": 1.0} and len(rows) == 6
     out = plot_run(tmp_path)
     assert os.path.getsize(out) > 1000
+
+
+@dataclass
+class RunCfg:
+    resume: str = ""
+
+
+def test_fresh_run_in_a_used_directory_does_not_append_to_its_metrics(tmp_path):
+    d = make_run_dir(str(tmp_path / "run"), "x", RunCfg())
+    Metrics(d).log(step=1, loss=2.0)
+    make_run_dir(d, "x", RunCfg(resume=d))  # resuming keeps the curve
+    Metrics(d).log(step=2, loss=1.0)
+    assert len(open(os.path.join(d, "metrics.jsonl")).readlines()) == 2
+    make_run_dir(d, "x", RunCfg())  # a fresh run starts a new one, the old is kept aside
+    Metrics(d).log(step=1, loss=3.0)
+    assert [json.loads(l)["loss"] for l in open(os.path.join(d, "metrics.jsonl"))] == [3.0]
+    assert len(open(os.path.join(d, "metrics.prev.jsonl")).readlines()) == 2
 
 
 def test_compare_runs_table_and_png(tmp_path):

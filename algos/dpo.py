@@ -329,7 +329,6 @@ def main():
             save_checkpoint(ckpt_dir, name, model, tok, optimizer, {"state": state, "rng": rng_state()})
         if d.world_size > 1:
             dist.barrier()
-        return os.path.join(ckpt_dir, name)
 
     t_start, last = time.time(), None
     while state["round"] <= rounds:

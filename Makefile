@@ -6,7 +6,7 @@ NPROC ?= 1
 # NPROC>1 runs the same script under torchrun (python -m torch.distributed.run)
 RUN = $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run --nproc_per_node=$(NPROC))
 
-.PHONY: setup test bench compile-check clean sft grpo grpo-countdown grpo-compare ppo dpo dpo-compare irpo
+.PHONY: setup test bench compile-check clean sft grpo grpo-countdown grpo-compare ppo dpo dpo-compare irpo coconut
 
 setup:
 	python3 -m venv $(VENV)
@@ -72,6 +72,11 @@ dpo-compare:
 # IRPO: 3 rounds of sample -> pair -> DPO + NLL, each from (and against) the last round's model
 irpo:
 	$(RUN) algos/dpo.py --iterations=3 --alpha=1 --out_dir=runs/irpo-arithmetic $(ARGS)
+
+# Coconut vs language CoT vs no CoT on ProsQA-style graphs: the same init and step budget for
+# each, one table (one process: the models are small)
+coconut:
+	$(PY) algos/coconut.py --out_dir=runs/coconut-prosqa $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache runs kernels_cuda*.so

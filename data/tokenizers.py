@@ -1,9 +1,10 @@
-"""Two tokenizers behind one interface: a character-level one for the toy tasks, and byte-level
-BPE (built with the HuggingFace `tokenizers` library) for text.
+"""Three tokenizers behind one interface: a character-level one for the toy tasks, a word-level
+one for tasks made of whole-word symbols, and byte-level BPE (built with the HuggingFace
+`tokenizers` library) for text.
 
-Both have encode(text) -> ids (no special tokens added), decode(ids) -> text (special tokens
+All have encode(text) -> ids (no special tokens added), decode(ids) -> text (special tokens
 dropped), bos_id / eos_id / pad_id (three distinct ids), vocab_size, and save(path), which
-writes one JSON file {"type": "char" | "bpe", ...}; load_tokenizer(path) reads either back.
+writes one JSON file {"type": "char" | "word" | "bpe", ...}; load_tokenizer(path) reads any back.
 """
 import json
 import os
@@ -56,6 +57,38 @@ class CharTokenizer:
 
     def save(self, path) -> None:
         atomic_write_text(path, json.dumps({"type": "char", "chars": self.chars}))
+
+
+class WordTokenizer:
+    """One id per word of a fixed vocabulary (text is split on whitespace), then BOS, EOS, PAD:
+    for synthetic tasks whose symbols are whole words (data/prosqa.py), where a character-level
+    model would spend most of its length on spelling."""
+
+    def __init__(self, words):
+        words = list(words)
+        if not words or not all(isinstance(w, str) and w and not any(c.isspace() for c in w) for w in words):
+            raise ValueError("words must be a non-empty list of non-empty strings without whitespace")
+        if len(set(words)) != len(words):
+            raise ValueError("duplicate word in the vocabulary")
+        self.words = words
+        self.stoi = {w: i for i, w in enumerate(words)}
+        self.bos_id, self.eos_id, self.pad_id = len(words), len(words) + 1, len(words) + 2
+        self.vocab_size = len(words) + 3
+
+    def encode(self, text: str) -> list[int]:
+        ids = []
+        for i, w in enumerate(text.split()):
+            if w not in self.stoi:
+                raise ValueError(f"word {w!r} (word {i}) is not in the tokenizer's vocabulary")
+            ids.append(self.stoi[w])
+        return ids
+
+    def decode(self, ids) -> str:
+        n = len(self.words)
+        return " ".join(self.words[i] for i in _check_ids(ids, self.vocab_size) if i < n)
+
+    def save(self, path) -> None:
+        atomic_write_text(path, json.dumps({"type": "word", "words": self.words}))
 
 
 class BPETokenizer:
@@ -121,9 +154,13 @@ def load_tokenizer(path):
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: tokenizer file is not valid JSON ({e.msg} at line "
                          f"{e.lineno} column {e.colno})") from None
-    if not isinstance(obj, dict) or obj.get("type") not in ("char", "bpe"):
-        raise ValueError(f'{path}: expected a JSON object with "type" "char" or "bpe"')
+    if not isinstance(obj, dict) or obj.get("type") not in ("char", "word", "bpe"):
+        raise ValueError(f'{path}: expected a JSON object with "type" "char", "word" or "bpe"')
     try:
+        if obj["type"] == "word":
+            if not isinstance(obj.get("words"), list):
+                raise ValueError('"words" must be a list of strings')
+            return WordTokenizer(obj["words"])
         if obj["type"] == "char":
             if not isinstance(obj.get("chars"), str):
                 raise ValueError('"chars" must be a string')

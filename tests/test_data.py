@@ -4,9 +4,9 @@ import random
 
 import pytest
 
-from data import arithmetic, countdown, tinytext
+from data import arithmetic, countdown, prosqa, tinytext
 from data.jsonl import JSONLError, read_jsonl, write_jsonl
-from data.tokenizers import BPETokenizer, CharTokenizer, load_tokenizer
+from data.tokenizers import BPETokenizer, CharTokenizer, WordTokenizer, load_tokenizer
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 TINYTEXT = os.path.join(DATA_DIR, "tinytext.txt")
@@ -103,6 +103,8 @@ def test_load_tokenizer_errors(tmp_path):
         "kind.json": ('{"type": "wordpiece"}', '"type"'),
         "chars.json": ('{"type": "char", "chars": 5}', '"chars" must be a string'),
         "dup.json": ('{"type": "char", "chars": "aa"}', "duplicate character"),
+        "words.json": ('{"type": "word", "words": ["a", "a"]}', "duplicate word"),
+        "words2.json": ('{"type": "word", "words": "ab"}', '"words" must be a list'),
         "bpe.json": ('{"type": "bpe", "tokenizer": "{not json"}', "embedded tokenizer"),
     }
     for name, (content, why) in cases.items():
@@ -111,6 +113,21 @@ def test_load_tokenizer_errors(tmp_path):
         with pytest.raises(ValueError, match=why) as e:
             load_tokenizer(path)
         assert name in str(e.value)
+
+
+def test_word_tokenizer_round_trip_errors_and_save(tmp_path):
+    tok = WordTokenizer(["Every", "wumpus", "is", "a", "yumpus", "."])
+    ids = tok.encode("Every wumpus is  a yumpus .")
+    assert ids == [0, 1, 2, 3, 4, 5] and tok.decode(ids + [tok.eos_id]) == "Every wumpus is a yumpus ."
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (6, 7, 8, 9)
+    with pytest.raises(ValueError, match=r"word 'gorpus' \(word 1\)"):
+        tok.encode("Every gorpus")
+    for bad in ([], ["a b"], ["a", ""]):
+        with pytest.raises(ValueError):
+            WordTokenizer(bad)
+    tok.save(tmp_path / "w.json")
+    again = load_tokenizer(tmp_path / "w.json")
+    assert isinstance(again, WordTokenizer) and again.words == tok.words
 
 
 def test_tinytext_file_is_reproducible():
@@ -169,7 +186,8 @@ def test_arithmetic_balanced_digit_counts():
                                         (arithmetic, dict(digits=3, op="+", balanced=True)),
                                         (arithmetic, dict(digits=2, op="+")),
                                         (countdown, dict(n_numbers=3, max_number=50)),
-                                        (countdown, dict(n_numbers=4, max_number=20))])
+                                        (countdown, dict(n_numbers=4, max_number=20)),
+                                        (prosqa, dict(n_nodes=12, min_depth=3, max_depth=4, n_extra=3))])
 def test_dataset_distinct_deterministic_and_verified(task, knobs):
     for split in ["train", "test"]:
         d = task.dataset(300, split, seed=1, **knobs)
@@ -190,6 +208,48 @@ def test_splits_disjoint():
     assert not {p["prompt"] for p in train} & {p["prompt"] for p in test}
     with pytest.raises(ValueError, match="split"):
         arithmetic.dataset(10, "val", seed=0)
+
+
+def _edges(prompt):
+    w = prompt.split()
+    return {(w[i + 1], w[i + 4]) for i in range(0, len(w), 6) if w[i] == "Every"}
+
+
+def test_prosqa_graph_answer_and_chain():
+    rng = random.Random(0)
+    tok = WordTokenizer(prosqa.WORDS)
+    for _ in range(300):
+        ex = prosqa.sample(rng, n_nodes=14, min_depth=2, max_depth=5, n_extra=5)
+        edges, words = _edges(ex["prompt"]), ex["prompt"].split()
+        root, (a, b) = words[-10], (words[-5], words[-2])
+        dist = prosqa._reach(edges, root)
+        target = ex["target"]
+        assert ex["answer"] == f"### {target}" and target in (a, b) and a != b
+        distractor = a if b == target else b
+        assert distractor not in dist and dist[target] == len(ex["steps"])
+        assert 2 <= len(ex["steps"]) <= 5
+        # the chain is made of the prompt's facts and walks root -> answer
+        chain = [(s.split()[1], s.split()[4]) for s in ex["steps"]]
+        assert set(chain) <= edges and chain[0][0] == root and chain[-1][1] == target
+        assert all(x[1] == y[0] for x, y in zip(chain, chain[1:]))
+        assert root not in prosqa._reach(edges, target)  # acyclic along the chain
+        tok.encode(ex["prompt"] + " " + ex["cot"])  # every word is in the vocabulary
+        assert prosqa.reward(ex["prompt"], ex["cot"]) == prosqa.reward(ex["prompt"], ex["answer"]) == 1.0
+        assert prosqa.reward(ex["prompt"], f"### {distractor}") == 0.0
+
+
+def test_prosqa_reward_recomputes_the_truth_and_rejects_bad_input():
+    ex = prosqa.sample(random.Random(1))
+    words = ex["prompt"].split()
+    a, b = words[-5], words[-2]
+    swapped = " ".join(words[:-5] + [b] + words[-4:-2] + [a, "?"])  # options in the other order
+    assert prosqa.truth(swapped) == ex["target"]
+    for wrong in ("", ex["target"], f"{ex['target']} ###", f"{ex['answer']} ."):
+        assert prosqa.reward(ex["prompt"], wrong) == 0.0
+    with pytest.raises(ValueError, match="malformed ProsQA prompt"):
+        prosqa.reward("Is Tom a x or a y ?", "### x")
+    with pytest.raises(ValueError, match="n_nodes"):
+        prosqa.sample(random.Random(0), n_nodes=6, max_depth=3)
 
 
 def test_too_small_problem_space_raises():

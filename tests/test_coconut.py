@@ -1,0 +1,114 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from data import prosqa
+from data.tokenizers import WordTokenizer
+from model import GPT, GPTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "algos"))
+import coconut  # noqa: E402
+
+TOK = WordTokenizer(prosqa.WORDS)
+
+
+def tiny_model(seed=0, pos="learned"):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=TOK.vocab_size, block_size=160, n_layer=2, n_head=2, n_embd=32, pos=pos))
+    with torch.no_grad():  # larger weights than the init, so greedy outputs differ between rows
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8)
+    return model
+
+
+def ragged_examples():
+    """Questions of three different lengths and chains of 2, 3 and 4 steps."""
+    return [prosqa.dataset(1, "train", seed=s, n_nodes=n, min_depth=d, max_depth=d, n_extra=x)[0]
+            for s, n, d, x in ((0, 12, 4, 3), (1, 8, 2, 0), (2, 10, 3, 1))]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3, 6])
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_latent_loss_equals_the_step_by_step_reference(stage, pos):
+    """The cached k + 1-pass forward against full recomputes that grow the sequence one thought
+    at a time: same loss and same gradients (float64), ragged rows, stages past the chain length."""
+    model = tiny_model(pos=pos).double()
+    prompts, n_latent, rest = coconut.latent_batch(TOK, ragged_examples(), stage, c=2 if stage == 2 else 1)
+    assert len({len(p) for p in prompts}) == 3
+    params = list(model.parameters())
+    fast = coconut.latent_loss(model, prompts, n_latent, rest, TOK.pad_id)
+    g_fast = torch.autograd.grad(fast, params)
+    slow = coconut.latent_loss_reference(model, prompts, n_latent, rest)
+    g_slow = torch.autograd.grad(slow, params)
+    assert torch.allclose(fast, slow, rtol=1e-6, atol=1e-7)  # the cross-entropy runs in float32
+    for a, b in zip(g_fast, g_slow):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_thoughts_carry_gradient_to_the_question():
+    """With thoughts, the loss depends on the question through the fed-back hidden states: the
+    gradient reaches the embedding of a question word that only the thoughts can carry."""
+    model = tiny_model().double()
+    prompts, n_latent, rest = coconut.latent_batch(TOK, ragged_examples()[:1], 6, 1)
+    assert rest[0][1:] == TOK.encode(ragged_examples()[0]["answer"]) + [TOK.eos_id]  # chain all latent
+    loss = coconut.latent_loss(model, prompts, n_latent, rest, TOK.pad_id)
+    loss.backward()
+    assert model.transformer.wte.weight.grad[prompts[0][1]].abs().sum() > 0
+
+
+def test_latent_batch_curriculum():
+    ex = ragged_examples()[0]  # 4 steps
+    assert len(ex["steps"]) == 4
+    for stage in (0, 1, 3, 4, 6):
+        prompts, n_latent, rest = coconut.latent_batch(TOK, [ex], stage, c=2)
+        assert n_latent == 2 * stage
+        assert TOK.decode(rest[0]) == " ".join(["<eot>"] + ex["steps"][stage:] + [ex["answer"]])
+        assert prompts[0] == [TOK.bos_id] + TOK.encode(ex["prompt"] + " <bot>") and rest[0][-1] == TOK.eos_id
+
+
+@pytest.mark.parametrize("n_latent", [0, 1, 4])
+def test_cached_latent_generation_equals_full_recompute(n_latent):
+    model = tiny_model(seed=3)
+    questions = [ex["prompt"] for ex in ragged_examples()]
+    fast = coconut.generate_latent(model, TOK, questions, n_latent, max_new_tokens=12)
+    slow = coconut.generate_latent(model, TOK, questions, n_latent, max_new_tokens=12, use_cache=False)
+    assert fast == slow
+    assert len({tuple(o) for o in fast}) > 1  # the rows really differ
+    if n_latent:  # the thoughts change what is generated
+        assert fast != coconut.generate_latent(model, TOK, questions, 0, max_new_tokens=12)
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(modes="cot,foo"), "modes must be"),
+    (dict(c=0), "c must be >= 1"),
+    (dict(max_stage=-1), "max_stage"),
+    (dict(lr=0.0), "lr must be > 0"),
+])
+def test_config_rejects_bad_values(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        coconut.Config(**kw)
+
+
+def test_smoke_run_prints_the_table_and_result(tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "algos", "coconut.py"), "--n_train=60", "--n_test=10",
+                        "--n_layer=1", "--n_embd=32", "--n_head=2", "--stage_steps=2", "--max_stage=2",
+                        "--batch_size=4", f"--out_dir={tmp_path / 'run'}", "--device=cpu"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+    assert p.returncode == 0 and len(lines) == 1, p.stderr[-3000:]
+    res = json.loads(lines[0][len("RESULT "):])
+    for key in ("nocot_accuracy", "cot_accuracy", "coconut_accuracy", "cot_tokens", "coconut_tokens"):
+        assert res[key] is not None, key
+    assert res["coconut_tokens"] >= 2 + 2 + 1  # <bot>, 2 thoughts, <eot>, at least one token after
+    assert "| CoT |" in p.stdout and "| no-CoT |" in p.stdout
+    rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["stage"] for r in rows if r.get("mode") == "coconut" and "loss" in r] == [0, 0, 1, 1, 2, 2]
+    for mode in ("nocot", "cot", "coconut"):
+        assert os.path.isdir(tmp_path / "run" / "ckpt" / mode)

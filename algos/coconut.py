@@ -54,6 +54,7 @@ class Config:
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
+    pos: str = "learned"         # learned | rope | none (model.py)
     # Coconut
     c: int = 1                   # continuous thoughts per replaced language step
     max_stage: int = 6           # the paper's ProsQA setting; past the chain's length, all steps are latent
@@ -252,7 +253,7 @@ def train_mode(mode, cfg, tok, train, test, device, metrics, block_size, max_new
     drawn in the same seeded order. Coconut moves to the next curriculum stage every stage_steps."""
     torch.manual_seed(cfg.seed)
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=cfg.n_layer,
-                          n_head=cfg.n_head, n_embd=cfg.n_embd)).to(device)
+                          n_head=cfg.n_head, n_embd=cfg.n_embd, pos=cfg.pos)).to(device)
     data_rng = random.Random(cfg.seed)
     total = (cfg.max_stage + 1) * cfg.stage_steps
     optimizer, t0 = None, time.time()

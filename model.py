@@ -16,8 +16,8 @@ A GPT in one file, nanoGPT-style, with the seams post-training needs.
   G completions of one prompt attend to that prompt's keys, computed once, with gradients.
 
 Variants are one config field and one small class each: `pos` picks how positions enter
-(learned table added to the input, rotary on q/k, or nothing), and later `attn` variants
-subclass `CausalSelfAttention.attend`.
+(learned table added to the input, rotary on q/k, nothing, or CoPE's contextual positions
+inside attention, CoPEAttention), and `attn` variants subclass `CausalSelfAttention.attend`.
 
 GPT-2 interop: `GPT.from_hf(dir)` / `model.save_hf(dir)` read and write the Hugging Face GPT-2
 layout (config.json + model.safetensors, Conv1D weights stored transposed).
@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-POS_CHOICES = ("learned", "rope", "none")
+POS_CHOICES = ("learned", "rope", "none", "cope")
 ATTN_CHOICES = ("standard",)
 
 
@@ -45,9 +45,10 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True        # biases in Linear and LayerNorm, as in GPT-2
-    pos: str = "learned"     # learned | rope | none
+    pos: str = "learned"     # learned | rope | none | cope
     attn: str = "standard"
     rope_base: float = 10000.0
+    npos_max: int = 64       # cope: positions counted up to npos_max - 1
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -62,6 +63,10 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.attn must be one of {ATTN_CHOICES}, got {self.attn!r}")
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError("GPTConfig: pos='rope' needs an even head size (n_embd // n_head)")
+        if self.pos == "cope" and self.attn != "standard":
+            raise ValueError("GPTConfig: pos='cope' is its own attention; it needs attn='standard'")
+        if not isinstance(self.npos_max, int) or self.npos_max < 2:
+            raise ValueError(f"GPTConfig.npos_max must be an int >= 2, got {self.npos_max!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
 
@@ -141,6 +146,74 @@ class CausalSelfAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
 
 
+class CoPEAttention(CausalSelfAttention):
+    """Contextual Position Encoding (Golovneva et al., arXiv 2405.18719): a key's position is not
+    its token distance but the number of keys between it and the query whose gate is open, so a
+    head can count words, sentences or a chosen token instead of tokens.
+        g_ij = sigmoid(q_i . k_j / sqrt(D))              for visible keys j (0 for masked ones)
+        p_ij = min(sum_{t=j..i} g_it, npos_max - 1)       (a reverse cumulative sum, eq. 3)
+        e(p) = (1 - w) e[floor p] + w e[ceil p],  w = p - floor p   (learned e: D x npos_max)
+        a_ij = softmax_j((q_i . k_j + q_i . e(p_ij)) / sqrt(D) + mask)
+    q_i . e[p] is computed once for the npos_max integer positions, (B, H, T, npos_max), then
+    gathered and interpolated, instead of forming an embedding per (i, j) pair (sec. 3). The
+    slow twin is cope_attention_reference. The mask may come from a KV cache: masked slots get
+    a zero gate, so they neither count nor are seen."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.npos_max = config.npos_max
+        # one table per layer, shared by its heads; zero init: attention starts position-free
+        self.pos_emb = nn.Parameter(torch.zeros(config.n_embd // config.n_head, config.npos_max))
+
+    def positions(self, logits, mask):
+        """p_ij (B, H, T, S) from the scaled logits q.k / sqrt(D): gates summed from key j to the
+        query (masked keys count 0), clamped to npos_max - 1."""
+        gates = torch.sigmoid(logits).masked_fill(~mask, 0.0)
+        return gates.flip(-1).cumsum(-1).flip(-1).clamp(max=self.npos_max - 1)
+
+    def attend(self, q, k, v, mask):
+        T, S, D = q.size(2), k.size(2), q.size(-1)
+        if mask is None:  # plain causal over the sequence
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        logits = (q @ k.transpose(-1, -2)) / math.sqrt(D)  # (B, H, T, S)
+        pos = self.positions(logits, mask)
+        pos_floor = pos.floor()
+        w = pos - pos_floor
+        logits_int = q @ self.pos_emb.to(q.dtype)  # (B, H, T, npos_max)
+        lo = logits_int.gather(-1, pos_floor.long())
+        hi = logits_int.gather(-1, pos.ceil().long())
+        logits = logits + ((1 - w) * lo + w * hi) / math.sqrt(D)
+        att = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+        att = F.dropout(att, self.dropout, self.training)
+        return att @ v
+
+
+def cope_attention_reference(q, k, v, pos_emb, mask=None):
+    """The slow, obvious twin of CoPEAttention.attend: loops over queries i and keys j, summing the
+    gates one by one and interpolating the embedding itself. q, k, v (B, H, T, D) (k, v may be
+    longer: (B, H, S, D), the last T slots aligned with the queries when mask is None); pos_emb
+    (D, npos_max); mask (B, 1, T, S) bool or None (causal)."""
+    B, H, T, D = q.shape
+    S, npos = k.size(2), pos_emb.size(1)
+    out = torch.zeros_like(q)
+    for b in range(B):
+        for h in range(H):
+            for i in range(T):
+                seen = [j for j in range(S) if (mask[b, 0, i, j] if mask is not None else j <= i + S - T)]
+                qk = {j: (q[b, h, i] @ k[b, h, j]) / math.sqrt(D) for j in seen}
+                logits = []
+                for j in seen:
+                    p = sum(torch.sigmoid(qk[t]) for t in seen if t >= j)
+                    p = torch.clamp(p, max=npos - 1)
+                    f = math.floor(p.item())
+                    w = p - f
+                    e = (1 - w) * pos_emb[:, f] + w * pos_emb[:, min(f + 1, npos - 1)]
+                    logits.append(qk[j] + (q[b, h, i] @ e) / math.sqrt(D))
+                att = torch.softmax(torch.stack(logits), dim=0)
+                out[b, h, i] = sum(a * v[b, h, j] for a, j in zip(att, seen))
+    return out
+
+
 class MLP(nn.Module):
 
     def __init__(self, config):
@@ -162,7 +235,7 @@ class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = ATTENTION[config.attn](config)
+        self.attn = CoPEAttention(config) if config.pos == "cope" else ATTENTION[config.attn](config)
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 

@@ -47,7 +47,7 @@ def test_sequence_longer_than_block_size_is_an_error():
         m(torch.zeros(1, 25, dtype=torch.long))
 
 
-@pytest.mark.parametrize("pos", ["learned", "rope", "none"])
+@pytest.mark.parametrize("pos", ["learned", "rope", "none", "cope"])
 def test_embeds_path_equals_token_path(pos):
     m = tiny(pos).eval()
     idx = torch.randint(0, 37, (2, 9))
@@ -59,11 +59,14 @@ def test_embeds_path_equals_token_path(pos):
         m.hidden(idx, embeds=m.transformer.wte(idx))
 
 
-@pytest.mark.parametrize("pos", ["learned", "rope", "none"])
+@pytest.mark.parametrize("pos", ["learned", "rope", "none", "cope"])
 def test_cached_chunks_equal_full_forward(pos):
     """Prefill a chunk, then feed the rest one token at a time (and a 2-token chunk, as Coconut
     will): hidden states equal the full causal forward."""
     m = tiny(pos).double().eval()
+    if pos == "cope":  # its position table starts at zero: make positions matter
+        for blk in m.transformer.h:
+            torch.nn.init.normal_(blk.attn.pos_emb, std=1.0)
     idx = torch.randint(0, 37, (3, 12))
     full = m.hidden(idx)
     cache = KVCache.for_model(m, 3, 12)
@@ -189,3 +192,77 @@ def test_logits_match_transformers_gpt2(tmp_path):
     m2 = GPT.from_hf(tmp_path / "theirs").eval()
     with torch.no_grad():
         assert (m2(idx)[0] - hf2(idx).logits).abs().max() < 1e-5
+
+
+# ---- CoPE ------------------------------------------------------------------------------------------
+
+from model import CoPEAttention, cope_attention_reference  # noqa: E402
+
+
+@pytest.mark.parametrize("npos_max", [3, 16])
+def test_cope_attention_equals_the_loop_reference(npos_max):
+    """The gather-and-interpolate form against explicit loops over (i, j, t), float64: outputs and
+    gradients to 1e-5 (npos_max 3 clamps most positions, 16 clamps none)."""
+    torch.manual_seed(0)
+    attn = CoPEAttention(GPTConfig(vocab_size=8, block_size=8, n_layer=1, n_head=2, n_embd=8,
+                                   pos="cope", npos_max=npos_max)).double()
+    torch.nn.init.normal_(attn.pos_emb, std=1.0)
+    q, k, v = (torch.randn(2, 2, 6, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    fast = attn.attend(q, k, v, None)
+    slow = cope_attention_reference(q, k, v, attn.pos_emb)
+    assert torch.allclose(fast, slow, atol=1e-10)
+    g = torch.randn_like(fast)
+    inputs = (q, k, v, attn.pos_emb)
+    gf = torch.autograd.grad((fast * g).sum(), inputs)
+    gs = torch.autograd.grad((slow * g).sum(), inputs)
+    for a, b in zip(gf, gs):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_cope_attention_with_a_cache_mask_equals_the_reference():
+    """Queries at positions 3..5 of rows whose cache holds 8 slots: slots past a query's position
+    (unwritten, here random) neither count in the positions nor are attended to."""
+    torch.manual_seed(1)
+    attn = CoPEAttention(GPTConfig(vocab_size=8, block_size=8, n_layer=1, n_head=1, n_embd=4,
+                                   pos="cope", npos_max=5)).double()
+    torch.nn.init.normal_(attn.pos_emb, std=1.0)
+    q = torch.randn(1, 1, 3, 4, dtype=torch.float64)
+    k, v = torch.randn(1, 1, 8, 4, dtype=torch.float64), torch.randn(1, 1, 8, 4, dtype=torch.float64)
+    mask = KVCache.for_model(GPT(GPTConfig(vocab_size=8, block_size=8, n_layer=1, n_head=1, n_embd=4)), 1, 8) \
+        .mask(torch.tensor([[3, 4, 5]]))
+    fast = attn.attend(q, k, v, mask)
+    assert torch.allclose(fast, cope_attention_reference(q, k, v, attn.pos_emb, mask), atol=1e-10)
+    k2 = k.clone()
+    k2[:, :, 6:] = 100.0  # what sits in slots no query may see changes nothing
+    assert torch.equal(attn.attend(q, k2, v, mask), fast)
+
+
+def test_cope_positions_count_open_gates_between_key_and_query():
+    """Gates open (logit +20) on keys 0, 3, 5 and shut (-20) elsewhere: the query at i = 5 gives
+    key j the position "open gates in j..5" = 3, 2, 2, 2, 1, 1 (eq. 3), not 5 - j; npos_max 3
+    clamps 3 to 2; masked keys never count."""
+    attn = CoPEAttention(GPTConfig(vocab_size=8, block_size=8, n_layer=1, n_head=1, n_embd=2,
+                                   pos="cope", npos_max=8)).double()
+    logits = torch.tensor([20.0, -20, -20, 20, -20, 20], dtype=torch.float64).view(1, 1, 1, 6)
+    all_seen = torch.ones(1, 1, 1, 6, dtype=torch.bool)
+    p = attn.positions(logits, all_seen)[0, 0, 0]
+    assert torch.allclose(p, torch.tensor([3.0, 2, 2, 2, 1, 1], dtype=torch.float64), atol=1e-6)
+    attn.npos_max = 3
+    assert torch.allclose(attn.positions(logits, all_seen)[0, 0, 0],
+                          torch.tensor([2.0, 2, 2, 2, 1, 1], dtype=torch.float64), atol=1e-6)
+    attn.npos_max = 8
+    first_four = torch.tensor([True, True, True, True, False, False]).view(1, 1, 1, 6)
+    assert torch.allclose(attn.positions(logits, first_four)[0, 0, 0],
+                          torch.tensor([2.0, 1, 1, 1, 0, 0], dtype=torch.float64), atol=1e-6)
+
+
+def test_cope_generation_with_cache_equals_without():
+    from sampler import generate
+    m = tiny("cope", npos_max=6)
+    for blk in m.transformer.h:
+        torch.nn.init.normal_(blk.attn.pos_emb, std=1.0)
+    prompts = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]
+    a = generate(m, prompts, 12, temperature=0)
+    b = generate(m, prompts, 12, temperature=0, use_cache=False)
+    assert torch.equal(a.tokens, b.tokens)
+    assert len({tuple(r) for r in a.tokens.tolist()}) > 1

@@ -36,7 +36,7 @@ class Config:
     n_embd: int = 64
     npos_max: int = 64           # cope: positions counted up to npos_max - 1
     # training
-    steps: int = 1000
+    steps: int = 2000
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 0.0

@@ -320,6 +320,7 @@ def main():
             state["base"] = res
         if res["accuracy"] > state["best"]["accuracy"]:
             state["best"] = {"accuracy": res["accuracy"], "step": state["step"]}
+        state["last"] = res  # so a resume after the last round still reports it
         metrics.log(step=state["step"], round=state["round"], **{f"eval_{k}": v for k, v in res.items()})
         return res
 
@@ -452,7 +453,7 @@ def main():
         state["ref"] = os.path.join(ckpt_dir, f"step_{state['step']:06d}")
         save()
     if d.master:
-        base, last = state["base"] or {}, last or {}
+        base, last = state["base"] or {}, last or state.get("last") or {}
         result = {"base_accuracy": base.get("accuracy"), "final_accuracy": last.get("accuracy"),
                   "reward_accuracy": last.get("val_reward_accuracy"),
                   "base_logp_accuracy": base.get("val_logp_accuracy"),

@@ -286,3 +286,6 @@ def test_resume_mid_round_ends_with_the_same_weights(tmp_path, weak_adder):
     b = load_file(os.path.join(res["checkpoint"], "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (full / "pairs_2.jsonl").read_text() == (part / "pairs_2.jsonl").read_text()
+    # resuming a finished run trains nothing and reports the same numbers
+    done = result_of(run_dpo(tmp_path / "done", weak_adder, "--iterations=2", "--alpha=1", f"--resume={part}"))
+    assert done["final_accuracy"] == res["final_accuracy"] and done["steps"] == res["steps"]

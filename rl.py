@@ -80,6 +80,16 @@ def evaluate_policy(model, tok, problems, task, max_new_tokens, k, temperature, 
     return {"accuracy": greedy["accuracy"], f"pass@{k}": pk, "mean_tokens": greedy["mean_tokens"]}
 
 
+def record_eval(state, res, step, metrics, **extra):
+    """Book-keeping of a held-out evaluation `res` at `step`: the first one is the base, the best
+    (by accuracy) is kept with its step, and res is logged as eval_* columns (plus extra)."""
+    if state["base"] is None:
+        state["base"] = res
+    if res["accuracy"] > state["best"]["accuracy"]:
+        state["best"] = {"accuracy": res["accuracy"], "step": step}
+    metrics.log(step=step, **extra, **{f"eval_{k}": v for k, v in res.items()})
+
+
 def run_result(state, last, k, steps, minutes, run_dir):
     """The RESULT of an RL run: held-out accuracy and pass@k of the base (the step-0 evaluation)
     and of the last evaluation, the best evaluation, steps, minutes, peak memory, checkpoint."""

@@ -21,7 +21,6 @@ them on the fly from a frozen copy). A tenth of the prompts (val_fraction) are h
 measure reward accuracy; task accuracy is measured on the task's held-out split. Ends with
 `RESULT {json}` (base_accuracy, final_accuracy, reward_accuracy, and iteration_accuracy in IRPO).
 """
-import copy
 import hashlib
 import os
 import random
@@ -36,10 +35,10 @@ from tqdm import tqdm
 from data import TASKS, task_knobs
 from data.jsonl import JSONLError, read_jsonl, write_jsonl
 from data.tokenizers import CharTokenizer
-from plumbing import (Metrics, autocast, cli_config, load_model, load_state, peak_rss_mb, print_result,
+from plumbing import (Metrics, autocast, cli_config, load_model, load_state, print_result,
                       resolve_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state,
                       setup_distributed, teardown_distributed)
-from rl import all_reduce_, evaluate_policy, start_run
+from rl import all_reduce_, evaluate_policy, record_eval, run_result, start_run
 from sampler import completion_logprobs, rollout
 
 
@@ -263,12 +262,14 @@ def load_ref_cache(path, key):
 
 
 @torch.no_grad()
-def reference_logprobs(ref, prompts, responses, pad_id, device, batch_size=256):
+def all_pair_logprobs(model, prompts, responses, pad_id, device, batch_size=256):
+    """(n_pairs, 2) sequence log-probs of every pair under model (the reference, or the policy
+    for held-out metrics), in batches, no grad, on the CPU."""
     out = []
     for i in range(0, len(prompts), batch_size):
         idx = range(i, min(i + batch_size, len(prompts)))
         with autocast(device):
-            out.append(pair_logprobs(ref, *pair_batch(prompts, responses, idx, pad_id, device), pad_id).float())
+            out.append(pair_logprobs(model, *pair_batch(prompts, responses, idx, pad_id, device), pad_id).float())
     return torch.cat(out).cpu()
 
 
@@ -276,7 +277,7 @@ def reference_logprobs(ref, prompts, responses, pad_id, device, batch_size=256):
 def pair_metrics(model, prompts, responses, ref_lp, cfg, pad_id, device, batch_size=256):
     """Held-out pair numbers: reward accuracy, margin, and the policy's own preference (fraction of
     pairs with log pi(chosen) > log pi(rejected), which is not 0 at the start)."""
-    lp = reference_logprobs(model, prompts, responses, pad_id, device, batch_size)
+    lp = all_pair_logprobs(model, prompts, responses, pad_id, device, batch_size)
     lens = torch.tensor([[len(c), len(l)] for c, l in responses], dtype=torch.float32)
     _, s = preference_loss(lp[:, 0], lp[:, 1], ref_lp[:, 0], ref_lp[:, 1], lens[:, 0], lens[:, 1], cfg)
     return {"val_reward_accuracy": s["reward_accuracy"], "val_margin": s["margin"],
@@ -316,12 +317,8 @@ def main():
         res = evaluate_policy(model, tok, test, task, max_new_tokens, k, cfg.temperature, cfg.seed + 7)
         if val is not None:
             res.update(pair_metrics(model, *val, cfg, tok.pad_id, d.device))
-        if state["base"] is None:
-            state["base"] = res
-        if res["accuracy"] > state["best"]["accuracy"]:
-            state["best"] = {"accuracy": res["accuracy"], "step": state["step"]}
+        record_eval(state, res, state["step"], metrics, round=state["round"])
         state["last"] = res  # so a resume after the last round still reports it
-        metrics.log(step=state["step"], round=state["round"], **{f"eval_{k}": v for k, v in res.items()})
         return res
 
     def save():
@@ -373,8 +370,8 @@ def main():
             both = load_ref_cache(cache, key)
             if both is None and d.master:
                 ref_model = load_model(state["ref"], d.device).eval()
-                both = {"train": reference_logprobs(ref_model, *tr, tok.pad_id, d.device),
-                        "val": reference_logprobs(ref_model, *va, tok.pad_id, d.device) if va else None}
+                both = {"train": all_pair_logprobs(ref_model, *tr, tok.pad_id, d.device),
+                        "val": all_pair_logprobs(ref_model, *va, tok.pad_id, d.device) if va else None}
                 torch.save({"key": key, "logprobs": both}, cache + ".tmp")
                 os.replace(cache + ".tmp", cache)
             if d.world_size > 1:
@@ -384,7 +381,7 @@ def main():
         else:
             ref = load_model(state["ref"], d.device).eval().requires_grad_(False)
             if d.master and va:
-                val_ref = reference_logprobs(ref, *va, tok.pad_id, d.device)
+                val_ref = all_pair_logprobs(ref, *va, tok.pad_id, d.device)
         val = (*va, val_ref) if va else None
 
         # 3. DPO on the round's pairs, from the current model, with a fresh optimizer
@@ -454,14 +451,10 @@ def main():
         save()
     if d.master:
         base, last = state["base"] or {}, last or state.get("last") or {}
-        result = {"base_accuracy": base.get("accuracy"), "final_accuracy": last.get("accuracy"),
-                  "reward_accuracy": last.get("val_reward_accuracy"),
-                  "base_logp_accuracy": base.get("val_logp_accuracy"),
-                  "final_logp_accuracy": last.get("val_logp_accuracy"),
-                  f"base_pass@{k}": base.get(f"pass@{k}"), f"final_pass@{k}": last.get(f"pass@{k}"),
-                  "best_accuracy": state["best"]["accuracy"], "best_step": state["best"]["step"],
-                  "steps": state["step"], "minutes": round((time.time() - t_start) / 60, 2),
-                  "peak_rss_mb": peak_rss_mb(), "checkpoint": resolve_checkpoint(run_dir)}
+        result = run_result(state, last, k, state["step"], (time.time() - t_start) / 60, run_dir)
+        result.update(reward_accuracy=last.get("val_reward_accuracy"),
+                      base_logp_accuracy=base.get("val_logp_accuracy"),
+                      final_logp_accuracy=last.get("val_logp_accuracy"))
         if cfg.iterations:
             result["iteration_accuracy"] = state["iteration_accuracy"]
         print_result(run_dir, result)

@@ -33,8 +33,8 @@ from data.tokenizers import CharTokenizer
 from plumbing import (Metrics, autocast, cli_config, load_state, print_result, resolve_checkpoint,
                       rng_state, save_checkpoint, seed_everything, set_rng_state, setup_distributed,
                       teardown_distributed)
-from rl import (all_reduce_, clipped_policy_loss, evaluate_policy, kl_estimate, run_result, start_run,
-                token_weights)
+from rl import (all_reduce_, clipped_policy_loss, evaluate_policy, kl_estimate, record_eval, run_result,
+                start_run, token_weights)
 from sampler import Rollout, completion_logprobs, rollout
 
 
@@ -250,11 +250,7 @@ def main():
         res = None
         if d.master:
             res = evaluate_policy(model, tok, test, task, max_new_tokens, G, cfg.temperature, cfg.seed + 7)
-            if state["base"] is None:
-                state["base"] = res
-            if res["accuracy"] > state["best"]["accuracy"]:
-                state["best"] = {"accuracy": res["accuracy"], "step": step}
-            metrics.log(step=step, **{f"eval_{k}": v for k, v in res.items()})
+            record_eval(state, res, step, metrics)
             save_checkpoint(ckpt_dir, f"step_{step:06d}", model, tok, optimizer,
                             {"step": step, "state": state, "rng": rng_state(), "problems_rng": rngs})
         return res

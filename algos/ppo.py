@@ -32,7 +32,7 @@ from data.tokenizers import CharTokenizer
 from plumbing import (Metrics, autocast, cli_config, load_state, print_result, resolve_checkpoint,
                       rng_state, save_checkpoint, seed_everything, set_rng_state, setup_distributed,
                       teardown_distributed)
-from rl import (all_reduce_, clipped_policy_loss, evaluate_policy, run_result, start_run,
+from rl import (all_reduce_, clipped_policy_loss, evaluate_policy, record_eval, run_result, start_run,
                 token_weights)
 from sampler import completion_logprobs, rollout
 
@@ -224,10 +224,7 @@ def main():
         res = None
         if d.master:
             res = evaluate_policy(model, tok, test, task, max_new_tokens, n, cfg.temperature, cfg.seed + 7)
-            state["base"] = state["base"] or res
-            if res["accuracy"] > state["best"]["accuracy"]:
-                state["best"] = {"accuracy": res["accuracy"], "step": step}
-            metrics.log(step=step, **{f"eval_{k}": v for k, v in res.items()})
+            record_eval(state, res, step, metrics)
             extra = {"critic_opt": critic_opt.state_dict(), "head": head.state_dict(), "beta": beta,
                      "critic": None if critic is model else critic.state_dict()}
             save_checkpoint(ckpt_dir, f"step_{step:06d}", model, tok, optimizer,

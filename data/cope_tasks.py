@@ -14,7 +14,6 @@ words[:-1] and is scored on predicting words[t] for t in target_positions. The i
 - selective_copy: n data tokens scattered among `_` blanks, then `=` and the data tokens in
   order. OOD: 3x as many blanks.
 """
-import random
 
 VARS = ["a", "b", "c", "d", "e"]
 LETTERS = list("ABCDEFGH")

@@ -9,10 +9,13 @@ The small shared layer every algorithm script uses, and nothing more:
                optimizer / step / RNG state), written atomically; a `latest` pointer for resume
 - metrics:     one JSONL line per step, the final `RESULT {json}` line, and a plot command:
                python plumbing.py plot runs/<run>   ->  runs/<run>/curves.png
+- guards:      a NaN / inf loss or gradient skips the optimizer step (StepGuard); a checkpoint
+               that cannot be written stops the run with one message, the previous one intact
 """
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import random
 import shutil
@@ -178,31 +181,56 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class CheckpointError(SystemExit):
+    """A checkpoint could not be written (disk full, directory gone or read-only). A SystemExit,
+    so a script stops with this one message instead of a traceback from inside torch.save."""
+
+
 def save_checkpoint(ckpt_dir, name, model, tokenizer=None, optimizer=None, state=None):
     """Write ckpt_dir/name/ = model.safetensors + model_config.json (+ tokenizer.json)
     (+ state.pt: optimizer, step, RNG, anything in `state`), then point ckpt_dir/latest at it.
     Everything goes to a temp directory first and is renamed into place, so a crash at any
-    moment leaves the previous checkpoint and the `latest` pointer intact."""
+    moment leaves the previous checkpoint and the `latest` pointer intact; a failed write (disk
+    full) removes the temp directory and raises CheckpointError."""
     from safetensors.torch import save_file
     final = os.path.join(ckpt_dir, name)
     tmp = f"{final}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    save_file(sd, os.path.join(tmp, "model.safetensors"))
-    with open(os.path.join(tmp, "model_config.json"), "w") as f:
-        json.dump(dataclasses.asdict(model.config), f, indent=2)
-    if tokenizer is not None:
-        tokenizer.save(os.path.join(tmp, "tokenizer.json"))
-    if optimizer is not None or state is not None:
-        torch.save({"optimizer": optimizer.state_dict() if optimizer else None, **(state or {})},
-                   os.path.join(tmp, "state.pt"))
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        save_file(sd, os.path.join(tmp, "model.safetensors"))
+        with open(os.path.join(tmp, "model_config.json"), "w") as f:
+            json.dump(dataclasses.asdict(model.config), f, indent=2)
+        if tokenizer is not None:
+            tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+        if optimizer is not None or state is not None:
+            torch.save({"optimizer": optimizer.state_dict() if optimizer else None, **(state or {})},
+                       os.path.join(tmp, "state.pt"))
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        latest = os.path.join(ckpt_dir, "latest")
+        prev = open(latest).read().strip() if os.path.isfile(latest) else None
+        raise CheckpointError(f"cannot write checkpoint {final}: {e}; "
+                              + (f"the previous checkpoint {os.path.join(ckpt_dir, prev)} is intact"
+                                 if prev else "no earlier checkpoint exists")) from None
+    _fault_point(f"save:{name}")
     if os.path.exists(final):  # re-saving a name: move the old one aside, never delete first
         os.replace(final, f"{final}.old{os.getpid()}")
     os.replace(tmp, final)
     shutil.rmtree(f"{final}.old{os.getpid()}", ignore_errors=True)
     atomic_write_text(os.path.join(ckpt_dir, "latest"), name)
     return final
+
+
+def _fault_point(where):
+    """Fault injection for tests/test_reliability.py: POSTTRAIN_FAULT=save:<name> kills this
+    process with SIGKILL after a checkpoint's files are written and before it is renamed into
+    place (the moment a crash would hurt most); POSTTRAIN_FAULT=step:<n> when the first metrics
+    row of step n is logged (mid-run, between checkpoints). Does nothing otherwise."""
+    if os.environ.get("POSTTRAIN_FAULT") == where:
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def resolve_checkpoint(path):
@@ -218,6 +246,7 @@ def resolve_checkpoint(path):
 def load_model(path, device="cpu", **overrides):
     """A GPT from a checkpoint directory written by save_checkpoint (or a run dir: its latest).
     Every problem (missing files, a config that does not match the weights) is one clear error."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     from model import GPT, GPTConfig
     ckpt = resolve_checkpoint(path)
@@ -229,7 +258,7 @@ def load_model(path, device="cpu", **overrides):
         with open(cfg_path) as f:
             config = GPTConfig.from_dict({**json.load(f), **overrides})
         weights = load_file(w_path)
-    except (json.JSONDecodeError, ValueError, OSError) as e:
+    except (json.JSONDecodeError, ValueError, OSError, SafetensorError) as e:
         raise ValueError(f"checkpoint {ckpt} is unreadable: {e}") from None
     model = GPT(config)
     expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
@@ -272,16 +301,57 @@ def make_run_dir(out_dir, method, config, master=True):
 
 
 class Metrics:
-    """Appends one JSON object per line to run_dir/metrics.jsonl (rank 0 only)."""
+    """Appends one JSON object per line to run_dir/metrics.jsonl (rank 0 only). resume_step: a
+    run resumed from the checkpoint of that step first drops the rows logged after it (a killed
+    run may have logged steps it never checkpointed; they are logged again on the way back)."""
 
-    def __init__(self, run_dir, master=True):
+    def __init__(self, run_dir, master=True, resume_step=None):
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.master = master
+        if master and resume_step is not None and os.path.exists(self.path):
+            with open(self.path) as f:
+                rows = [l for l in f if l.strip()]
+            keep = [l for l in rows if json.loads(l).get("step", -1) <= resume_step]
+            if len(keep) < len(rows):
+                atomic_write_text(self.path, "".join(keep))
 
     def log(self, **row):
+        _fault_point(f"step:{row.get('step')}")
         if self.master:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+
+
+class StepGuard:
+    """Checks a step's loss and gradient norm before the optimizer step. A NaN or inf one means
+    the step is skipped (the caller zeroes the gradients) and logged; max_bad such steps in a row
+    stop the run with one message, its last checkpoint (written from good steps only) intact."""
+
+    def __init__(self, max_bad, metrics, method):
+        self.max_bad, self.metrics, self.method = max_bad, metrics, method
+        self.in_a_row = self.skipped = 0
+
+    def skip(self, step, grad_norm, loss=0.0):
+        """True when this step must not update the weights. grad_norm (the total norm before
+        clipping: NaN / inf when any gradient is) and loss: floats or tensors."""
+        loss, grad_norm = float(torch.as_tensor(loss).detach()), float(torch.as_tensor(grad_norm).detach())
+        bad = torch.tensor([not (math.isfinite(loss) and math.isfinite(grad_norm))], dtype=torch.float32)
+        if dist.is_initialized():  # one rank's NaN loss skips the step on every rank (replicas stay equal)
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if not bad.item():
+            self.in_a_row = 0
+            return False
+        self.in_a_row += 1
+        self.skipped += 1
+        self.metrics.log(step=step, skipped_step=True, loss=str(loss), grad_norm=str(grad_norm))
+        print(f"{self.method}: step {step} skipped: loss {loss}, gradient norm {grad_norm} "
+              f"({self.in_a_row} in a row)", file=sys.stderr, flush=True)
+        if self.in_a_row >= self.max_bad:
+            raise SystemExit(f"{self.method}: {self.in_a_row} steps in a row with a non-finite loss or "
+                             f"gradient (last: step {step}); stopping. The weights were not updated by "
+                             f"them; the last checkpoint in the run directory is from good steps. Lower "
+                             f"the learning rate or check the data, then --resume or start again")
+        return True
 
 
 def peak_rss_mb():

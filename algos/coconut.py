@@ -35,7 +35,7 @@ from tqdm import tqdm
 from data import prosqa
 from data.tokenizers import WordTokenizer
 from model import GPT, GPTConfig
-from plumbing import (Metrics, autocast, cli_config, make_run_dir, peak_rss_mb, print_result,
+from plumbing import (Metrics, StepGuard, autocast, cli_config, make_run_dir, peak_rss_mb, print_result,
                       save_checkpoint, seed_everything, setup_distributed, teardown_distributed)
 from sampler import KVCache, evaluate
 from sft import make_batch
@@ -66,6 +66,7 @@ class Config:
     lr: float = 1e-3
     weight_decay: float = 0.01
     grad_clip: float = 1.0
+    max_bad_steps: int = 5     # non-finite steps in a row before the run stops (plumbing.StepGuard)
     # run
     out_dir: str = ""
     seed: int = 1337
@@ -75,7 +76,8 @@ class Config:
         bad = [m for m in self.modes.split(",") if m not in ("nocot", "cot", "coconut")]
         if bad or not self.modes:
             raise ValueError(f"modes must be a comma list of nocot, cot, coconut; got {self.modes!r}")
-        for name in ("c", "stage_steps", "batch_size", "n_train", "n_test", "n_layer", "n_head", "n_embd"):
+        for name in ("c", "stage_steps", "batch_size", "n_train", "n_test", "n_layer", "n_head", "n_embd",
+                     "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_stage < 0:
@@ -257,6 +259,7 @@ def train_mode(mode, cfg, tok, train, test, device, metrics, block_size, max_new
     data_rng = random.Random(cfg.seed)
     total = (cfg.max_stage + 1) * cfg.stage_steps
     optimizer, t0 = None, time.time()
+    guard = StepGuard(cfg.max_bad_steps, metrics, f"coconut ({mode})")
     bar = tqdm(range(total), desc=mode)
     for step in bar:
         stage = step // cfg.stage_steps
@@ -274,7 +277,8 @@ def train_mode(mode, cfg, tok, train, test, device, metrics, block_size, max_new
                 _, loss = model(*make_batch(tok, batch, device))
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        if not guard.skip(step + 1, grad_norm, loss):
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         metrics.log(mode=mode, step=step + 1, stage=stage, loss=loss.item(), grad_norm=grad_norm.item(),
                     elapsed=time.time() - t0)

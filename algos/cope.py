@@ -23,7 +23,7 @@ from tqdm import tqdm
 from data import cope_tasks
 from data.tokenizers import WordTokenizer
 from model import GPT, GPTConfig
-from plumbing import Metrics, cli_config, make_run_dir, print_result, seed_everything, setup_distributed
+from plumbing import Metrics, StepGuard, cli_config, make_run_dir, print_result, seed_everything, setup_distributed
 
 
 @dataclass
@@ -40,6 +40,7 @@ class Config:
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 0.0
+    max_bad_steps: int = 5       # non-finite steps in a row before the run stops (plumbing.StepGuard)
     n_eval: int = 500            # held-out sequences per setting
     out_dir: str = ""
     seed: int = 1337
@@ -50,7 +51,7 @@ class Config:
             bad = [x for x in getattr(self, name).split(",") if x not in allowed]
             if bad:
                 raise ValueError(f"{name}: unknown {bad}; choose from {sorted(allowed)}")
-        for name in ("steps", "batch_size", "n_eval", "n_layer", "n_head", "n_embd"):
+        for name in ("steps", "batch_size", "n_eval", "n_layer", "n_head", "n_embd", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -112,14 +113,16 @@ def main():
             optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type=d.device.type)
             data_rng = random.Random(cfg.seed)  # the same training sequences for every encoding
             t0 = time.time()
+            guard = StepGuard(cfg.max_bad_steps, metrics, f"cope ({task}, {pos})")
             for step in tqdm(range(cfg.steps), desc=f"{task} {pos}"):
                 for group in optimizer.param_groups:  # warm-up, then cosine down to 10% of lr
                     group["lr"] = cfg.lr * min(1.0, (step + 1) / 50) * (0.55 + 0.45 * math.cos(math.pi * step / cfg.steps))
                 batch = [gen(data_rng, **setting["id"]) for _ in range(cfg.batch_size)]
                 _, loss = model(*make_batch(tok, batch, d.device))
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                if not guard.skip(step + 1, norm, loss):
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if step % 50 == 0 or step == cfg.steps - 1:
                     metrics.log(task=task, pos=pos, step=step + 1, loss=loss.item(), elapsed=time.time() - t0)

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from data import TASKS, task_knobs
 from data.jsonl import JSONLError, read_jsonl, write_jsonl
 from data.tokenizers import CharTokenizer
-from plumbing import (Metrics, autocast, cli_config, load_model, load_state, print_result,
+from plumbing import (Metrics, StepGuard, autocast, cli_config, load_model, load_state, print_result,
                       resolve_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state,
                       setup_distributed, teardown_distributed)
 from rl import all_reduce_, evaluate_policy, record_eval, run_result, start_run
@@ -77,6 +77,7 @@ class Config:
     lr: float = 1e-4
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    max_bad_steps: int = 5     # non-finite steps in a row before the run stops (plumbing.StepGuard)
     # run
     eval_every: int = 50         # steps between held-out evaluations (also at each round's end)
     out_dir: str = ""
@@ -90,7 +91,7 @@ class Config:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {sorted(allowed)}, got {getattr(self, name)!r}")
         for name in ("pair_prompts", "samples_per_prompt", "pairs_per_prompt", "epochs", "batch_size",
-                     "eval_every", "n_train", "n_test"):
+                     "eval_every", "n_train", "n_test", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.samples_per_prompt < 2:
@@ -303,7 +304,8 @@ def main():
         saved = load_state(run_dir)
         state = saved["state"]
         set_rng_state(saved["rng"])
-    metrics = Metrics(run_dir, d.master)
+    metrics = Metrics(run_dir, d.master, resume_step=state["step"] if cfg.resume else None)
+    guard = StepGuard(cfg.max_bad_steps, metrics, method)
     if d.master:
         print(f"{method}: {cfg.task} {task_knobs(cfg)}, {model.get_num_params() / 1e6:.2f}M params from "
               f"{resolve_checkpoint(cfg.resume and run_dir or cfg.init)}, loss {cfg.loss} beta {cfg.beta} "
@@ -418,7 +420,8 @@ def main():
             (losses.sum() / cfg.batch_size).backward()  # the global mean: rank gradients are summed
             all_reduce_([p.grad for p in model.parameters() if p.grad is not None], d.world_size)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-            optimizer.step()
+            if not guard.skip(state["step"] + 1, grad_norm, losses.sum()):
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state["round_step"] += 1
             state["step"] += 1

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from data import TASKS, task_knobs
 from data.tokenizers import CharTokenizer
-from plumbing import (Metrics, autocast, cli_config, load_state, print_result, resolve_checkpoint,
+from plumbing import (Metrics, StepGuard, autocast, cli_config, load_state, print_result, resolve_checkpoint,
                       rng_state, save_checkpoint, seed_everything, set_rng_state, setup_distributed,
                       teardown_distributed)
 from rl import (all_reduce_, clipped_policy_loss, evaluate_policy, kl_estimate, record_eval, run_result,
@@ -61,6 +61,7 @@ class Config:
     lr: float = 1e-4
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    max_bad_steps: int = 5     # non-finite steps in a row before the run stops (plumbing.StepGuard)
     mu: int = 1                  # passes over each batch (policy updates per batch, GRPO's mu)
     minibatches: int = 1         # optimizer steps per pass
     grad_accum: int = 1          # micro-batches per optimizer step (same gradient, less memory)
@@ -100,7 +101,7 @@ class Config:
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 (a group of one has no baseline), got {self.group_size}")
         for name in ("prompts_per_step", "mu", "minibatches", "grad_accum", "max_steps", "eval_every",
-                     "n_train", "n_test", "max_sampling_rounds", "overlong_cache"):
+                     "n_train", "n_test", "max_sampling_rounds", "overlong_cache", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -234,7 +235,8 @@ def main():
         step, state = saved["step"], saved["state"]
         problems_rng.setstate(saved["problems_rng"][d.rank])
         set_rng_state(saved["rng"])
-    metrics = Metrics(run_dir, d.master)
+    metrics = Metrics(run_dir, d.master, resume_step=step if cfg.resume else None)
+    guard = StepGuard(cfg.max_bad_steps, metrics, "grpo")
     if d.master:
         print(f"grpo: {cfg.task} {knobs}, {model.get_num_params() / 1e6:.2f}M params from "
               f"{resolve_checkpoint(cfg.resume and run_dir or cfg.init)}, device {d.device}, "
@@ -305,7 +307,8 @@ def main():
                 n_train_tokens += minibatch_gradient(model, batch, mb.to(d.device), adv, old_lp, ref_lp,
                                                      cfg, max_new_tokens, d.world_size, tok.pad_id, stats)
                 grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item())
-                optimizer.step()
+                if not guard.skip(step + 1, grad_norms[-1]):
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         step += 1
         t_done = time.time()

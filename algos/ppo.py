@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from data import TASKS, task_knobs
 from data.tokenizers import CharTokenizer
-from plumbing import (Metrics, autocast, cli_config, load_state, print_result, resolve_checkpoint,
+from plumbing import (Metrics, StepGuard, autocast, cli_config, load_state, print_result, resolve_checkpoint,
                       rng_state, save_checkpoint, seed_everything, set_rng_state, setup_distributed,
                       teardown_distributed)
 from rl import (all_reduce_, clipped_policy_loss, evaluate_policy, record_eval, run_result, start_run,
@@ -60,6 +60,7 @@ class Config:
     critic_lr: float = 1e-3      # the value head (and the separate critic)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    max_bad_steps: int = 5     # non-finite steps in a row before the run stops (plumbing.StepGuard)
     ppo_epochs: int = 4
     minibatches: int = 2         # optimizer steps per epoch, each over whole prompt groups
     eps: float = 0.2             # policy ratio clip
@@ -87,7 +88,7 @@ class Config:
         if self.critic not in ("shared", "separate"):
             raise ValueError(f"critic must be 'shared' or 'separate', got {self.critic!r}")
         for name in ("prompts_per_step", "samples_per_prompt", "ppo_epochs", "minibatches", "max_steps",
-                     "eval_every", "n_train", "n_test", "kl_horizon"):
+                     "eval_every", "n_train", "n_test", "kl_horizon", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.critic_lr <= 0:
@@ -208,7 +209,8 @@ def main():
         step, state, beta = saved["step"], saved["state"], saved["beta"]
         problems_rng.setstate(saved["problems_rng"][d.rank])
         set_rng_state(saved["rng"])
-    metrics = Metrics(run_dir, d.master)
+    metrics = Metrics(run_dir, d.master, resume_step=step if cfg.resume else None)
+    guard = StepGuard(cfg.max_bad_steps, metrics, "ppo")
     trained = list(model.parameters()) + critic_params
     if d.master:
         print(f"ppo: {cfg.task} {knobs}, {model.get_num_params() / 1e6:.2f}M params from "
@@ -299,9 +301,10 @@ def main():
                     stats.setdefault(k, []).append(v)
                 all_reduce_([p.grad for p in trained if p.grad is not None], d.world_size)
                 grad_norms.append(torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip).item())
-                if not warmup:
-                    optimizer.step()
-                critic_opt.step()
+                if not guard.skip(step + 1, grad_norms[-1], loss):
+                    if not warmup:
+                        optimizer.step()
+                    critic_opt.step()
                 optimizer.zero_grad(set_to_none=True)
                 critic_opt.zero_grad(set_to_none=True)
                 n_tokens += sum(len(batch.prompts[i]) for i in rows.tolist()[::n]) + int(batch.lengths[rows].sum())

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from data import TASKS, task_knobs
 from data.tokenizers import CharTokenizer
 from model import GPT, GPTConfig
-from plumbing import (Metrics, autocast, cli_config, load_model, load_state, make_run_dir, print_result,
+from plumbing import (Metrics, StepGuard, autocast, cli_config, load_model, load_state, make_run_dir, print_result,
                       resolve_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state,
                       setup_distributed, teardown_distributed, atomic_write_text)
 from sampler import evaluate
@@ -56,6 +56,7 @@ class Config:
     warmup_steps: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    max_bad_steps: int = 5      # non-finite steps in a row before the run stops (plumbing.StepGuard)
     max_steps: int = 5000
     # evaluation, stopping, output
     eval_every: int = 1000
@@ -69,7 +70,7 @@ class Config:
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {sorted(TASKS)}, got {self.task!r}")
-        for name in ("batch_size", "max_steps", "eval_every", "n_train", "n_test"):
+        for name in ("batch_size", "max_steps", "eval_every", "n_train", "n_test", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.min_lr < 0:
@@ -132,16 +133,17 @@ def main():
         raise SystemExit(f"prompts of {longest_prompt} tokens + {max_new_tokens} new tokens do not fit "
                          f"the model's block_size {model.config.block_size}")
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type=d.device.type)
-    data_rng = random.Random(cfg.seed * 1000 + d.rank)  # each rank draws its own examples
+    data_rng = random.Random(cfg.seed * 1000)  # one global batch per step; rank r takes rows r::world
     step, best = 0, {"accuracy": -1.0, "step": None}
     if cfg.resume:
         state = load_state(run_dir)
         optimizer.load_state_dict(state["optimizer"])
         step, best = state["step"], state["best"]
-        data_rng.setstate(state["data_rng"][d.rank])
+        data_rng.setstate(state["data_rng"][0])
         set_rng_state(state["rng"])
     net = DDP(model) if d.world_size > 1 else model
-    metrics = Metrics(run_dir, d.master)
+    metrics = Metrics(run_dir, d.master, resume_step=step if cfg.resume else None)
+    guard = StepGuard(cfg.max_bad_steps, metrics, "sft")
     per_rank = cfg.batch_size // d.world_size
     if per_rank * d.world_size != cfg.batch_size:
         raise SystemExit(f"batch_size {cfg.batch_size} is not divisible by {d.world_size} processes")
@@ -157,15 +159,26 @@ def main():
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        idx, targets = make_batch(tok, data_rng.choices(train, k=per_rank), d.device)
+        batch = data_rng.choices(train, k=cfg.batch_size)[d.rank::d.world_size]
+        idx, targets = make_batch(tok, batch, d.device)
         with autocast(d.device):
             _, loss = net(idx, targets)
+        if d.world_size > 1:
+            # DDP averages the ranks' gradients; weighting each rank's token mean by its share of
+            # the global batch's target tokens makes that the one-process step on the whole batch
+            n_tokens = (targets != -100).sum().float()
+            n_global = n_tokens.clone()
+            torch.distributed.all_reduce(n_global)
+            global_loss = (loss * n_tokens / n_global).detach()
+            torch.distributed.all_reduce(global_loss)
+            loss = loss * n_tokens * d.world_size / n_global
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        if not guard.skip(step + 1, grad_norm, loss):
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        loss_value = loss.item()  # also waits for the GPU, so dt is the real step time
+        loss_value = (global_loss if d.world_size > 1 else loss).item()  # waits for the GPU: dt is real
         dt = time.time() - t0
         step_times.append(dt)
         bar.update(1)
@@ -178,10 +191,6 @@ def main():
 
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             stop = torch.zeros(1, device=d.device)
-            data_rngs = [data_rng.getstate()]
-            if d.world_size > 1:  # every rank's data position goes into the checkpoint
-                data_rngs = [None] * d.world_size
-                torch.distributed.all_gather_object(data_rngs, data_rng.getstate())
             if d.master:
                 res = evaluate(model, tok, test, task.reward, max_new_tokens)
                 acc = res["accuracy"]
@@ -190,7 +199,7 @@ def main():
                 if acc > best["accuracy"]:
                     best = {"accuracy": acc, "step": step, "checkpoint": name}
                 save_checkpoint(ckpt_dir, name, model, tok, optimizer,
-                                {"step": step, "best": best, "rng": rng_state(), "data_rng": data_rngs})
+                                {"step": step, "best": best, "rng": rng_state(), "data_rng": [data_rng.getstate()]})
                 atomic_write_text(os.path.join(ckpt_dir, "best"), best["checkpoint"])
                 bar.write(f"step {step}: held-out accuracy {acc:.3f} (best {best['accuracy']:.3f} "
                           f"at step {best['step']}), loss {loss_value:.4f}")

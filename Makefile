@@ -6,7 +6,7 @@ NPROC ?= 1
 # NPROC>1 runs the same script under torchrun (python -m torch.distributed.run)
 RUN = $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run --nproc_per_node=$(NPROC))
 
-.PHONY: setup test bench compile-check clean sft grpo grpo-countdown grpo-compare ppo dpo dpo-compare irpo coconut cope
+.PHONY: setup test bench compile-check clean sft grpo grpo-countdown grpo-compare ppo dpo dpo-compare irpo coconut cope mta
 
 setup:
 	python3 -m venv $(VENV)
@@ -81,6 +81,10 @@ coconut:
 # CoPE vs learned / RoPE / no positions on counting, Flip-Flop and selective copy (ID and OOD)
 cope:
 	$(PY) algos/cope.py --out_dir=runs/cope $(ARGS)
+
+# Multi-Token Attention vs standard attention: the find-the-block toy task and a char-level LM
+mta:
+	$(PY) algos/mta.py --out_dir=runs/mta $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache runs kernels_cuda*.so

@@ -17,7 +17,8 @@ A GPT in one file, nanoGPT-style, with the seams post-training needs.
 
 Variants are one config field and one small class each: `pos` picks how positions enter
 (learned table added to the input, rotary on q/k, nothing, or CoPE's contextual positions
-inside attention, CoPEAttention), and `attn` variants subclass `CausalSelfAttention.attend`.
+inside attention, CoPEAttention), and `attn` picks the attention (standard, or Multi-Token
+Attention's convolutions over the score map, MTAAttention).
 
 GPT-2 interop: `GPT.from_hf(dir)` / `model.save_hf(dir)` read and write the Hugging Face GPT-2
 layout (config.json + model.safetensors, Conv1D weights stored transposed).
@@ -33,7 +34,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 POS_CHOICES = ("learned", "rope", "none", "cope")
-ATTN_CHOICES = ("standard",)
+ATTN_CHOICES = ("standard", "mta")
 
 
 @dataclass
@@ -46,9 +47,17 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True        # biases in Linear and LayerNorm, as in GPT-2
     pos: str = "learned"     # learned | rope | none | cope
-    attn: str = "standard"
+    attn: str = "standard"   # standard | mta
     rope_base: float = 10000.0
     npos_max: int = 64       # cope: positions counted up to npos_max - 1
+    # mta (arXiv 2504.00927; defaults are the paper's language-model setting)
+    mta_cq: int = 6          # key-query kernel: current and c_q - 1 earlier queries ...
+    mta_ck: int = 11         # ... by c_k keys centred on the key (odd)
+    mta_kq: str = "pre"      # key-query convolution before or after the softmax: pre | post
+    mta_every: int = 4       # key-query convolution on layers every-1, 2*every-1, ... (1: all)
+    mta_ch: int = 2          # head mixing within groups of c_h heads (1: none)
+    mta_head: str = "post"   # head mixing before or after the softmax: pre | post
+    mta_norm: str = "gate"   # per-head RMSNorm of the output, then: gate | scale | none (no norm)
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -65,6 +74,20 @@ class GPTConfig:
             raise ValueError("GPTConfig: pos='rope' needs an even head size (n_embd // n_head)")
         if self.pos == "cope" and self.attn != "standard":
             raise ValueError("GPTConfig: pos='cope' is its own attention; it needs attn='standard'")
+        if self.attn == "mta":
+            for name in ("mta_cq", "mta_ck", "mta_every", "mta_ch"):
+                v = getattr(self, name)
+                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                    raise ValueError(f"GPTConfig.{name} must be a positive int, got {v!r}")
+            if self.mta_ck % 2 == 0:
+                raise ValueError(f"GPTConfig.mta_ck must be odd (the kernel is centred on the key), "
+                                 f"got {self.mta_ck}")
+            if self.n_head % self.mta_ch:
+                raise ValueError(f"GPTConfig: n_head={self.n_head} is not divisible by mta_ch={self.mta_ch}")
+            for name, allowed in (("mta_kq", ("pre", "post")), ("mta_head", ("pre", "post")),
+                                  ("mta_norm", ("gate", "scale", "none"))):
+                if getattr(self, name) not in allowed:
+                    raise ValueError(f"GPTConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not isinstance(self.npos_max, int) or self.npos_max < 2:
             raise ValueError(f"GPTConfig.npos_max must be an int >= 2, got {self.npos_max!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -112,7 +135,7 @@ class Rotary(nn.Module):
 
 class CausalSelfAttention(nn.Module):
 
-    def __init__(self, config):
+    def __init__(self, config, layer=0):
         super().__init__()
         self.n_head = config.n_head
         self.n_embd = config.n_embd
@@ -123,7 +146,8 @@ class CausalSelfAttention(nn.Module):
         head_dim = config.n_embd // config.n_head
         self.rotary = Rotary(head_dim, config.block_size, config.rope_base) if config.pos == "rope" else None
 
-    def forward(self, x, positions, mask, cache=None, layer=0):
+    def qkv(self, x, positions):
+        """x (B, T, C) -> q, k, v (B, H, T, D), rotary applied."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
@@ -131,6 +155,11 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         if self.rotary is not None:
             q, k = self.rotary(q, positions), self.rotary(k, positions)
+        return q, k, v
+
+    def forward(self, x, positions, mask, cache=None, layer=0):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x, positions)
         if cache is not None:
             k, v = cache.update(layer, k, v, positions)  # (B, H, max_len, D)
         y = self.attend(q, k, v, mask)
@@ -159,7 +188,7 @@ class CoPEAttention(CausalSelfAttention):
     slow twin is cope_attention_reference. The mask may come from a KV cache: masked slots get
     a zero gate, so they neither count nor are seen."""
 
-    def __init__(self, config):
+    def __init__(self, config, layer=0):
         super().__init__(config)
         self.npos_max = config.npos_max
         # one table per layer, shared by its heads; zero init: attention starts position-free
@@ -214,6 +243,177 @@ def cope_attention_reference(q, k, v, pos_emb, mask=None):
     return out
 
 
+def visible_softmax(a, seen):
+    """softmax over the keys a query may see; 0 elsewhere. A row that sees nothing (an MTA
+    history row before position 0) gives zeros, without the NaN a softmax of all -inf would
+    send into the backward."""
+    some = seen.any(-1, keepdim=True)
+    return torch.softmax(a.masked_fill(some & ~seen, float("-inf")), dim=-1).masked_fill(~seen, 0.0)
+
+
+class MTAAttention(CausalSelfAttention):
+    """Multi-Token Attention (Golovneva et al., arXiv 2504.00927): a key's weight may depend on
+    several queries, keys and heads at once, so a query can look for "the block holding both
+    a and b" although no single key holds both (sec. 3).
+        A_ij = q_i . k_j / sqrt(D) for visible keys, 0 for hidden ones      (zeroed before the conv)
+        A'_ij = sum_{a < c_q, s < c_k} w[a, s] A_{i - (c_q - 1 - a), j + s - c_k // 2}   (eq. 4)
+        att = softmax(A' + mask)             (mta_kq="post": softmax first, then the convolution)
+        att_h = sum_{h' in h's group} W[h, h'] att_h'   (head mixing, groups of c_h; eq. 6)
+        y_h = att_h v_h;  y_h = RMSNorm(y_h) * (1 - lambda_l)  or  * sigmoid(g . y_h + b)  (sec. 3.3)
+    with lambda_l = 0.8 - 0.6 exp(-0.3 l) for layer l. The kernel looks only at the current and
+    earlier queries and at keys the query itself may see (they are zero before the convolution
+    and -inf after it), so nothing leaks from the future. Kernels start at the identity (current
+    query, centre key; W = I): at init the layer is standard attention plus the output norm.
+
+    Without a cache the convolution runs once over the (T, T) score map. With a KV cache a query
+    needs the score rows of its c_q - 1 predecessors too, so the cache keeps queries
+    (cache.update_queries) and each query gets a (c_q, S) stack of rows: the same pipeline run on
+    that stack, of which the last row is kept. The slow twin is mta_attention_reference."""
+
+    def __init__(self, config, layer=0):
+        super().__init__(config)
+        H, D = config.n_head, config.n_embd // config.n_head
+        self.kq_where, self.head_where, self.norm = config.mta_kq, config.mta_head, config.mta_norm
+        self.mta_kq = None  # (H, 1, c_q, c_k), on every mta_every-th layer (paper: every 4th)
+        if (layer + 1) % config.mta_every == 0:
+            w = torch.zeros(H, 1, config.mta_cq, config.mta_ck)
+            w[:, 0, -1, config.mta_ck // 2] = 1.0
+            self.mta_kq = nn.Parameter(w)
+        ch = config.mta_ch
+        self.mta_heads = nn.Parameter(torch.eye(ch).repeat(H // ch, 1, 1)) if ch > 1 else None  # (H/c_h, c_h, c_h)
+        if self.norm != "none":
+            self.head_norm = nn.RMSNorm(D, eps=1e-5)  # one gain over head_dim, shared by the heads
+        if self.norm == "gate":
+            self.gate = nn.Linear(D, 1)
+        # depth-dependent scale of Differential Transformer (arXiv 2410.05258), as MTA sec. 3.3
+        self.out_scale = 1.0 - (0.8 - 0.6 * math.exp(-0.3 * layer))
+
+    def kq_conv(self, a):
+        """(N, H, R, S) -> (N, H, R, S): the c_q x c_k convolution per head, over R consecutive
+        query rows (c_q - 1 zero rows above the first: no earlier query) and S keys (c_k // 2
+        zeros each side). conv2d is a cross-correlation, so w[:, 0, -1] weighs the row itself."""
+        cq, ck = self.mta_kq.shape[-2:]
+        return F.conv2d(F.pad(a, (ck // 2, ck // 2, cq - 1, 0)), self.mta_kq.to(a.dtype), groups=a.size(1))
+
+    def mix_heads(self, a):
+        """(N, H, R, S): within each group of c_h heads, head h becomes sum_h' W[g, h, h'] a_h'."""
+        N, H, R, S = a.shape
+        g, ch, _ = self.mta_heads.shape
+        mixed = torch.einsum("gxy,ngyrs->ngxrs", self.mta_heads.to(a.dtype), a.view(N, g, ch, R, S))
+        return mixed.reshape(N, H, R, S)
+
+    def attention_map(self, a, seen):
+        """Scores a (N, H, R, S) of R consecutive queries, seen (N, 1, R, S) bool -> attention
+        weights (N, H, R, S), 0 where not seen. Every step but the convolution is per row."""
+        a = a.masked_fill(~seen, 0.0)
+        if self.mta_kq is not None and self.kq_where == "pre":
+            a = self.kq_conv(a)
+        if self.mta_heads is not None and self.head_where == "pre":
+            a = self.mix_heads(a)
+        att = visible_softmax(a, seen)
+        if self.mta_kq is not None and self.kq_where == "post":
+            att = self.kq_conv(att).masked_fill(~seen, 0.0)
+        if self.mta_heads is not None and self.head_where == "post":
+            att = self.mix_heads(att)
+        return att
+
+    def attend(self, q, k, v, mask):
+        """Without a cache: y (B, H, T, D) before the output norm; mask None is causal."""
+        T, S = q.size(2), k.size(2)
+        if mask is None:
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]
+        att = self.attention_map((q @ k.transpose(-1, -2)) / math.sqrt(q.size(-1)), mask)
+        return F.dropout(att, self.dropout, self.training) @ v
+
+    def attend_cached(self, q, k, v, positions, cache, layer):
+        """With a KV cache: query i at position p gets the rows of the queries at p - c_q + 1 .. p
+        (stored in the cache), each masked as the cache masks that position."""
+        if not hasattr(cache, "update_queries"):
+            raise TypeError(f"MTA's key-query convolution needs the queries of earlier positions, "
+                            f"which {type(cache).__name__} does not keep (sampler.KVCache does); "
+                            f"use it, or run without a cache")
+        B, H, T, D = q.shape
+        S, cq = k.size(2), self.mta_kq.size(-2)
+        q_all = cache.update_queries(layer, q, positions)  # (B, H, max_len, D)
+        hist = positions[:, :, None] - torch.arange(cq - 1, -1, -1, device=q.device)  # (B, T, c_q), oldest first
+        valid = hist >= 0
+        hist = hist.clamp(min=0)
+        qh = q_all[torch.arange(B, device=q.device)[:, None, None], :, hist]  # (B, T, c_q, H, D)
+        a = torch.einsum("btrhd,bhsd->bthrs", qh, k) / math.sqrt(D)
+        seen = cache.mask(hist.view(B, T * cq)).view(B, T, cq, S) & valid[..., None]
+        att = self.attention_map(a.reshape(B * T, H, cq, S), seen.view(B * T, 1, cq, S))[:, :, -1]
+        att = att.view(B, T, H, S).transpose(1, 2)
+        return F.dropout(att, self.dropout, self.training) @ v
+
+    def forward(self, x, positions, mask, cache=None, layer=0):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x, positions)
+        if cache is not None:
+            k, v = cache.update(layer, k, v, positions)
+        if cache is not None and self.mta_kq is not None:
+            y = self.attend_cached(q, k, v, positions, cache, layer)
+        else:
+            y = self.attend(q, k, v, mask)
+        if self.norm != "none":
+            y = self.head_norm(y)
+            y = y * torch.sigmoid(self.gate(y)) if self.norm == "gate" else y * self.out_scale
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+def mta_attention_reference(q, k, v, kq=None, heads=None, kq_where="pre", head_where="post"):
+    """The slow, obvious twin of MTAAttention.attend (causal, no cache): every score, convolution
+    tap, head-mixing term and softmax written out as loops over scalars. q, k, v (B, H, T, D);
+    kq (H, 1, c_q, c_k) or None; heads (H / c_h, c_h, c_h) or None."""
+    B, H, T, D = q.shape
+
+    def scores(b, h):  # A_ij, 0 where j > i
+        return [[(q[b, h, i] @ k[b, h, j]) / math.sqrt(D) if j <= i else q.new_zeros(()) for j in range(T)]
+                for i in range(T)]
+
+    def conv(m, h):  # sum over kernel taps; rows before 0 and keys outside 0..T-1 are 0
+        cq, ck = kq.shape[-2:]
+        out = [[q.new_zeros(()) for _ in range(T)] for _ in range(T)]
+        for i in range(T):
+            for j in range(T):
+                for a in range(cq):
+                    for s in range(ck):
+                        i2, j2 = i - (cq - 1 - a), j + s - ck // 2
+                        if 0 <= i2 and 0 <= j2 < T:
+                            out[i][j] = out[i][j] + kq[h, 0, a, s] * m[i2][j2]
+        return out
+
+    def mix(ms):  # ms[h] is head h's (T, T) map
+        ch = heads.size(1)
+        return [[[sum(heads[h // ch, h % ch, y] * ms[h - h % ch + y][i][j] for y in range(ch))
+                  for j in range(T)] for i in range(T)] for h in range(H)]
+
+    def softmax_causal(m):
+        out = []
+        for i in range(T):
+            e = [torch.exp(m[i][j]) for j in range(i + 1)]
+            z = sum(e)
+            out.append([e[j] / z if j <= i else q.new_zeros(()) for j in range(T)])
+        return out
+
+    y = torch.zeros_like(q)
+    for b in range(B):
+        ms = [scores(b, h) for h in range(H)]
+        if kq is not None and kq_where == "pre":
+            ms = [conv(ms[h], h) for h in range(H)]
+        if heads is not None and head_where == "pre":
+            ms = mix(ms)
+        ms = [softmax_causal(m) for m in ms]
+        if kq is not None and kq_where == "post":
+            ms = [[[x if j <= i else q.new_zeros(()) for j, x in enumerate(row)]
+                   for i, row in enumerate(conv(ms[h], h))] for h in range(H)]
+        if heads is not None and head_where == "post":
+            ms = mix(ms)
+        for h in range(H):
+            for i in range(T):
+                y[b, h, i] = sum(ms[h][i][j] * v[b, h, j] for j in range(T))
+    return y
+
+
 class MLP(nn.Module):
 
     def __init__(self, config):
@@ -227,15 +427,15 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
-ATTENTION = {"standard": CausalSelfAttention}
+ATTENTION = {"standard": CausalSelfAttention, "mta": MTAAttention}
 
 
 class Block(nn.Module):
 
-    def __init__(self, config):
+    def __init__(self, config, layer=0):
         super().__init__()
         self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CoPEAttention(config) if config.pos == "cope" else ATTENTION[config.attn](config)
+        self.attn = CoPEAttention(config) if config.pos == "cope" else ATTENTION[config.attn](config, layer)
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
@@ -253,7 +453,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=LayerNorm(config.n_embd, bias=config.bias),
         ))
         if config.pos == "learned":
@@ -315,11 +515,14 @@ class GPT(nn.Module):
         return logits, loss
 
     def configure_optimizers(self, weight_decay, learning_rate, betas=(0.9, 0.95), device_type="cpu"):
-        """AdamW; matrices (dim >= 2) decay, biases and norm gains do not. Fused kernel on CUDA."""
-        params = [p for p in self.parameters() if p.requires_grad]
+        """AdamW; matrices (dim >= 2) decay, biases and norm gains do not, nor do MTA's kernels
+        (they start at the identity; decay would pull them towards attending to nothing).
+        Fused kernel on CUDA."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        decay = [p.dim() >= 2 and ".mta_" not in n for n, p in named]
         groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            {"params": [p for (_, p), d in zip(named, decay) if d], "weight_decay": weight_decay},
+            {"params": [p for (_, p), d in zip(named, decay) if not d], "weight_decay": 0.0},
         ]
         fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
         extra = {"fused": True} if fused else {}

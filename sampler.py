@@ -34,6 +34,7 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.rows = torch.arange(batch_size, device=device)[:, None]  # (B, 1)
+        self.q = None  # queries, for MTA's key-query convolution only (allocated on first use)
 
     @classmethod
     def for_model(cls, model, batch_size, max_len):
@@ -50,6 +51,14 @@ class KVCache:
         self.v[layer][self.rows, :, positions] = v.transpose(1, 2)
         return self.k[layer], self.v[layer]
 
+    def update_queries(self, layer, q, positions):
+        """MTA (model.MTAAttention) mixes the scores of the c_q - 1 previous queries into a
+        query's, so decoding needs those queries as well: kept like the keys, slot = position."""
+        if self.q is None:
+            self.q = torch.zeros_like(self.k)
+        self.q[layer][self.rows, :, positions] = q.transpose(1, 2)
+        return self.q[layer]
+
     def mask(self, positions):
         """(B, 1, T, max_len) bool: a query at position p sees its row's slots 0..p (slot = position)."""
         slots = torch.arange(self.max_len, device=positions.device)
@@ -60,6 +69,7 @@ class KVCache:
         prefilled once serves n samples."""
         out = KVCache.__new__(KVCache)
         out.k, out.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
+        out.q = None if self.q is None else self.q.repeat_interleave(n, dim=1)
         out.max_len = self.max_len
         out.rows = torch.arange(out.k.size(1), device=out.k.device)[:, None]
         return out

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from data import arithmetic, countdown, prosqa, tinytext
+from data import arithmetic, countdown, find_block, prosqa, tinytext
 from data.jsonl import JSONLError, read_jsonl, write_jsonl
 from data.tokenizers import BPETokenizer, CharTokenizer, WordTokenizer, load_tokenizer
 
@@ -187,7 +187,8 @@ def test_arithmetic_balanced_digit_counts():
                                         (arithmetic, dict(digits=2, op="+")),
                                         (countdown, dict(n_numbers=3, max_number=50)),
                                         (countdown, dict(n_numbers=4, max_number=20)),
-                                        (prosqa, dict(n_nodes=12, min_depth=3, max_depth=4, n_extra=3))])
+                                        (prosqa, dict(n_nodes=12, min_depth=3, max_depth=4, n_extra=3)),
+                                        (find_block, dict(n_blocks=10, block_len=5, n_query=2))])
 def test_dataset_distinct_deterministic_and_verified(task, knobs):
     for split in ["train", "test"]:
         d = task.dataset(300, split, seed=1, **knobs)
@@ -381,3 +382,35 @@ def test_jsonl_empty_missing_and_kind(tmp_path):
     with pytest.raises(ValueError, match="kind must be one of"):
         read_jsonl(empty, "dpo")
     assert issubclass(JSONLError, ValueError)
+
+
+def test_find_block_one_block_holds_every_query_letter():
+    rng = random.Random(0)
+    for n_blocks, block_len, n_query in [(10, 5, 2), (4, 3, 3), (20, 6, 1)]:
+        for _ in range(200):
+            ex = find_block.sample(rng, n_blocks=n_blocks, block_len=block_len, n_query=n_query)
+            body, query = ex["prompt"].split("#")
+            blocks = body.split(".")
+            assert len(blocks) == n_blocks and len(query) == n_query
+            assert all(len(set(b)) == len(b) == block_len for b in blocks)
+            assert [b for b in blocks if set(query) <= set(b)] == [ex["answer"]]
+            assert find_block.truth(ex["prompt"]) == ex["answer"]
+    # the distractors share letters with the query: one letter alone does not find the block
+    exs = [find_block.sample(rng) for _ in range(200)]
+    shared = sum(sum(q in b for b in e["prompt"].split("#")[0].split(".") if b != e["answer"])
+                 for e in exs for q in e["prompt"].split("#")[1]) / 200
+    assert shared > 2
+
+
+def test_find_block_reward_and_bad_input():
+    assert find_block.reward("abc.def#fd", "def") == 1.0
+    assert find_block.reward("abc.def#fd", "abc") == 0.0
+    assert find_block.reward("abc.def#fd", "def ") == 0.0
+    with pytest.raises(ValueError, match="0 blocks"):
+        find_block.truth("abc.def#ea")
+    with pytest.raises(ValueError, match="2 blocks"):
+        find_block.truth("abc.bca#ab")
+    with pytest.raises(ValueError, match="malformed"):
+        find_block.truth("abc.def")
+    with pytest.raises(ValueError, match="n_query <= block_len"):
+        find_block.sample(random.Random(0), block_len=2, n_query=3)

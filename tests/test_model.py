@@ -266,3 +266,153 @@ def test_cope_generation_with_cache_equals_without():
     b = generate(m, prompts, 12, temperature=0, use_cache=False)
     assert torch.equal(a.tokens, b.tokens)
     assert len({tuple(r) for r in a.tokens.tolist()}) > 1
+
+
+# ---- Multi-Token Attention ---------------------------------------------------------------------------
+
+from model import CausalSelfAttention, MTAAttention, mta_attention_reference  # noqa: E402
+from sampler import SharedPrefix, generate  # noqa: E402
+
+
+def mta_config(**kw):
+    cfg = dict(vocab_size=37, block_size=24, n_layer=2, n_head=4, n_embd=16, attn="mta", mta_cq=2,
+               mta_ck=3, mta_every=1, mta_ch=2, mta_norm="gate")
+    cfg.update(kw)
+    return GPTConfig(**cfg)
+
+
+def randomize_mta(module):
+    """Kernels start at the identity, which would hide a wrong offset: make every tap matter."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if ".mta_" in "." + name:
+                p.normal_()
+
+
+@pytest.mark.parametrize("kq_where,head_where", [("pre", "pre"), ("pre", "post"), ("post", "pre"), ("post", "post")])
+def test_mta_attention_equals_the_loop_reference(kq_where, head_where):
+    """Convolution over (query, key) and head mixing against loops over every kernel tap, float64:
+    outputs and the gradients of q, k, v and both kernels to 1e-5."""
+    torch.manual_seed(0)
+    attn = MTAAttention(mta_config(mta_cq=3, mta_ck=5, mta_kq=kq_where, mta_head=head_where)).double()
+    randomize_mta(attn)
+    q, k, v = (torch.randn(2, 4, 6, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    fast = attn.attend(q, k, v, None)
+    slow = mta_attention_reference(q, k, v, attn.mta_kq, attn.mta_heads, kq_where, head_where)
+    assert torch.allclose(fast, slow, atol=1e-10)
+    g = torch.randn_like(fast)
+    inputs = (q, k, v, attn.mta_kq, attn.mta_heads)
+    gf = torch.autograd.grad((fast * g).sum(), inputs)
+    gs = torch.autograd.grad((slow * g).sum(), inputs)
+    for a, b in zip(gf, gs):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["none", "scale", "gate"])
+def test_mta_at_init_is_standard_attention_plus_the_output_norm(norm):
+    """Identity kernels: the attention map is the standard one; only the per-head RMSNorm and its
+    scale (1 - lambda_l) or gate change the output."""
+    torch.manual_seed(0)
+    layer = 2
+    cfg = mta_config(mta_norm=norm, mta_cq=6, mta_ck=11, pos="rope")
+    mta = MTAAttention(cfg, layer).double()
+    std = CausalSelfAttention(cfg).double()
+    std.load_state_dict({k: v for k, v in mta.state_dict().items() if k.startswith(("c_attn", "c_proj"))})
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    pos = torch.arange(9).expand(2, 9)
+    q, k, v = std.qkv(x, pos)
+    y = std.attend(q, k, v, None)  # (B, H, T, D)
+    if norm != "none":
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5)
+        if norm == "scale":
+            y = y * (1 - (0.8 - 0.6 * math.exp(-0.3 * layer)))
+        else:
+            y = y * torch.sigmoid(y @ mta.gate.weight.t() + mta.gate.bias)
+    want = std.c_proj(y.transpose(1, 2).reshape(2, 9, 16))
+    assert torch.allclose(mta(x, pos, None), want, atol=1e-10)
+    if norm == "none":
+        assert torch.allclose(mta(x, pos, None), std(x, pos, None), atol=1e-10)
+
+
+def test_mta_layers_with_the_key_query_convolution():
+    """mta_every = 4: layers 3 and 7 of 8 (every 4th); head mixing and the norm on every layer."""
+    m = GPT(mta_config(n_layer=8, mta_every=4))
+    assert [i for i, b in enumerate(m.transformer.h) if b.attn.mta_kq is not None] == [3, 7]
+    assert all(b.attn.mta_heads.shape == (2, 2, 2) for b in m.transformer.h)
+    assert GPT(mta_config(n_layer=3, mta_every=1)).transformer.h[0].attn.mta_kq.shape == (4, 1, 2, 3)
+    assert GPT(mta_config(mta_ch=1)).transformer.h[0].attn.mta_heads is None
+
+
+@pytest.mark.parametrize("kq_where", ["pre", "post"])
+def test_mta_sees_no_future_tokens(kq_where):
+    """A wide random kernel centred on the key reaches past the diagonal; the logits before a
+    position must not move when later tokens change."""
+    torch.manual_seed(0)
+    m = GPT(mta_config(mta_cq=3, mta_ck=7, mta_kq=kq_where, pos="rope"))
+    randomize_mta(m)
+    idx = torch.randint(0, 37, (2, 12))
+    idx2 = idx.clone()
+    idx2[:, 7:] = torch.randint(0, 37, (2, 5))
+    a, b = m(idx)[0], m(idx2)[0]
+    assert torch.allclose(a[:, :7], b[:, :7], atol=1e-6)
+    assert not torch.allclose(a[:, 7:], b[:, 7:], atol=1e-3)
+
+
+@pytest.mark.parametrize("kq_where", ["pre", "post"])
+def test_mta_prefill_and_decode_with_cache_equal_the_full_forward(kq_where):
+    """Ragged prompts prefilled into a KV cache, then one token at a time: each step's hidden
+    state equals the no-cache forward over the whole sequence (the cache keeps the queries)."""
+    torch.manual_seed(0)
+    m = GPT(mta_config(mta_cq=3, mta_ck=5, mta_kq=kq_where, pos="rope")).double().eval()
+    randomize_mta(m)
+    seq = torch.randint(0, 37, (2, 10))
+    cache = KVCache.for_model(m, 2, 12)
+    h_pre = m.hidden(seq[:, :6], positions=torch.arange(6).expand(2, 6), cache=cache)
+    steps = [m.hidden(seq[:, t:t + 1], positions=torch.full((2, 1), t), cache=cache) for t in range(6, 10)]
+    full = m.hidden(seq)
+    assert torch.allclose(h_pre, full[:, :6], atol=1e-10)
+    assert torch.allclose(torch.cat(steps, 1), full[:, 6:], atol=1e-10)
+
+
+@pytest.mark.parametrize("kq_where", ["pre", "post"])
+def test_mta_generation_with_cache_equals_without(kq_where):
+    torch.manual_seed(0)
+    m = GPT(mta_config(mta_cq=3, mta_ck=5, mta_kq=kq_where, pos="rope"))
+    randomize_mta(m)
+    prompts = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]
+    a = generate(m, prompts, 12, temperature=0)
+    b = generate(m, prompts, 12, temperature=0, use_cache=False)
+    assert torch.equal(a.tokens, b.tokens)
+    assert len({tuple(r) for r in a.tokens.tolist()}) > 1
+    a = generate(m, prompts, 12, temperature=1.0, seed=3, num_samples=2)  # repeat_rows copies queries
+    b = generate(m, prompts, 12, temperature=1.0, seed=3, num_samples=2, use_cache=False)
+    assert torch.equal(a.tokens, b.tokens)
+
+
+def test_mta_with_a_cache_that_keeps_no_queries_is_a_clear_error():
+    m = GPT(mta_config())
+    cache = SharedPrefix(torch.tensor([3, 2]), 1)
+    with pytest.raises(TypeError, match="needs the queries of earlier positions.*SharedPrefix"):
+        m.hidden(torch.randint(0, 37, (2, 3)), positions=torch.arange(3).expand(2, 3), cache=cache)
+
+
+def test_mta_kernels_are_not_weight_decayed():
+    m = GPT(mta_config())
+    opt = m.configure_optimizers(0.1, 1e-3)
+    no_decay = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    kernels = [p for n, p in m.named_parameters() if ".mta_" in n]
+    assert kernels and all(id(p) in no_decay for p in kernels)
+    assert id(m.transformer.h[0].attn.c_attn.weight) not in no_decay
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(mta_ck=4), "mta_ck must be odd"),
+    (dict(mta_ch=3), "not divisible by mta_ch"),
+    (dict(mta_cq=0), "mta_cq must be a positive int"),
+    (dict(mta_kq="mid"), "mta_kq must be one of"),
+    (dict(mta_norm="layer"), "mta_norm must be one of"),
+    (dict(pos="cope"), "pos='cope' is its own attention"),
+])
+def test_mta_config_errors(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        mta_config(**kw)

@@ -1,10 +1,11 @@
 """
 What the RL scripts (algos/grpo.py, algos/ppo.py) share, below them: the weak SFT base they start
 from, the start of a run (data, base, run directory, policy), the held-out evaluation and the
-RESULT, KL estimators, the token weights that keep a loss aggregation exact under gradient
+RESULT, the KL reference, KL estimators, the token weights that keep a loss aggregation exact under gradient
 accumulation and data parallelism, the clipped surrogate, and summing across ranks. The rollout
 itself (sample + score) and the training forward are in sampler.py.
 """
+import copy
 import os
 import subprocess
 import sys
@@ -68,6 +69,21 @@ def start_run(cfg, method, d, tok, per_step):
         raise SystemExit(f"{method}: prompts of {longest_prompt} tokens + max_new_tokens {max_new_tokens} "
                          f"do not fit the model's block_size {model.config.block_size}")
     return task, train, test, max_new_tokens, per_step // d.world_size, run_dir, model
+
+
+def reference_policy(cfg, state, model, device):
+    """The frozen initial policy pi_ref of the KL term. A fresh run copies the model it starts
+    from; a resumed run reloads that checkpoint (its path is in the run's state, state["ref"]):
+    the model it resumes is the trained policy, no longer the initial one."""
+    if not cfg.resume:
+        return copy.deepcopy(model).eval().requires_grad_(False)
+    if not state.get("ref"):
+        raise SystemExit("this run's checkpoint does not say which checkpoint it started from (an older "
+                         "run?): its KL reference cannot be rebuilt; start a new run from --init")
+    try:
+        return load_model(state["ref"], device).eval().requires_grad_(False)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"the KL reference (the checkpoint this run started from) cannot be loaded: {e}")
 
 
 def evaluate_policy(model, tok, problems, task, max_new_tokens, k, temperature, seed):

@@ -18,7 +18,6 @@ The loss (rl.clipped_policy_loss and the weights of rl.token_weights) is a pure 
 tensors, tested against hand-computed values.
 Ends with `RESULT {json}` (base_accuracy, final_accuracy, minutes, ...).
 """
-import copy
 import os
 import random
 import time
@@ -33,8 +32,8 @@ from data.tokenizers import CharTokenizer
 from plumbing import (Metrics, StepGuard, autocast, cli_config, load_state, print_result, resolve_checkpoint,
                       rng_state, save_checkpoint, seed_everything, set_rng_state, setup_distributed,
                       teardown_distributed)
-from rl import (all_reduce_, clipped_policy_loss, evaluate_policy, kl_estimate, record_eval, run_result,
-                start_run, token_weights)
+from rl import (all_reduce_, clipped_policy_loss, evaluate_policy, kl_estimate, record_eval, reference_policy,
+                run_result, start_run, token_weights)
 from sampler import Rollout, completion_logprobs, rollout
 
 
@@ -223,18 +222,18 @@ def main():
     knobs = task_knobs(cfg)
     ckpt_dir = os.path.join(run_dir, "ckpt")
     G = cfg.group_size
-    ref = None
-    if cfg.beta > 0:  # the frozen initial policy; with beta = 0 there is no reference at all
-        ref = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type=d.device.type)
     problems_rng = random.Random(cfg.seed * 1000 + d.rank)
-    step, state = 0, {"best": {"accuracy": -1.0, "step": None}, "base": None}
+    step, state = 0, {"best": {"accuracy": -1.0, "step": None}, "base": None,
+                      "ref": None if cfg.resume else resolve_checkpoint(cfg.init)}
     if cfg.resume:
         saved = load_state(run_dir)
         optimizer.load_state_dict(saved["optimizer"])
         step, state = saved["step"], saved["state"]
         problems_rng.setstate(saved["problems_rng"][d.rank])
         set_rng_state(saved["rng"])
+    # the frozen initial policy; with beta = 0 there is no reference at all
+    ref = reference_policy(cfg, state, model, d.device) if cfg.beta > 0 else None
     metrics = Metrics(run_dir, d.master, resume_step=step if cfg.resume else None)
     guard = StepGuard(cfg.max_bad_steps, metrics, "grpo")
     if d.master:

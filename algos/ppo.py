@@ -32,8 +32,8 @@ from data.tokenizers import CharTokenizer
 from plumbing import (Metrics, StepGuard, autocast, cli_config, load_state, print_result, resolve_checkpoint,
                       rng_state, save_checkpoint, seed_everything, set_rng_state, setup_distributed,
                       teardown_distributed)
-from rl import (all_reduce_, clipped_policy_loss, evaluate_policy, record_eval, run_result, start_run,
-                token_weights)
+from rl import (all_reduce_, clipped_policy_loss, evaluate_policy, record_eval, reference_policy, run_result,
+                start_run, token_weights)
 from sampler import completion_logprobs, rollout
 
 
@@ -189,7 +189,6 @@ def main():
     knobs = task_knobs(cfg)
     ckpt_dir = os.path.join(run_dir, "ckpt")
     n = cfg.samples_per_prompt
-    ref = copy.deepcopy(model).eval().requires_grad_(False)  # the KL reward needs pi_ref
     # the critic: a value head on the policy's own trunk, or on a copy of it with its own optimizer
     critic = model if cfg.critic == "shared" else copy.deepcopy(model)
     head = ValueHead(model.config.n_embd).to(d.device)
@@ -198,7 +197,8 @@ def main():
     critic_opt = torch.optim.AdamW(critic_params, lr=cfg.critic_lr, betas=(0.9, 0.95), weight_decay=0.0)
     problems_rng = random.Random(cfg.seed * 1000 + d.rank)
     step, beta = 0, cfg.beta
-    state = {"best": {"accuracy": -1.0, "step": None}, "base": None}
+    state = {"best": {"accuracy": -1.0, "step": None}, "base": None,
+             "ref": None if cfg.resume else resolve_checkpoint(cfg.init)}
     if cfg.resume:
         saved = load_state(run_dir)
         optimizer.load_state_dict(saved["optimizer"])
@@ -209,6 +209,7 @@ def main():
         step, state, beta = saved["step"], saved["state"], saved["beta"]
         problems_rng.setstate(saved["problems_rng"][d.rank])
         set_rng_state(saved["rng"])
+    ref = reference_policy(cfg, state, model, d.device)  # the KL reward needs pi_ref
     metrics = Metrics(run_dir, d.master, resume_step=step if cfg.resume else None)
     guard = StepGuard(cfg.max_bad_steps, metrics, "ppo")
     trained = list(model.parameters()) + critic_params

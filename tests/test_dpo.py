@@ -34,8 +34,7 @@ def tiny_model(seed=0, block_size=16):
     return GPT(GPTConfig(vocab_size=TOK.vocab_size, block_size=block_size, n_layer=1, n_head=2, n_embd=32))
 
 
-@pytest.fixture(scope="module")
-def weak_adder():
+def train_weak_adder():
     """A 1-layer model trained 100 steps on 1-digit addition: right on roughly half the train
     prompts, so sampling it gives both winners and losers."""
     model = tiny_model()
@@ -48,6 +47,11 @@ def weak_adder():
         opt.step()
         opt.zero_grad()
     return model
+
+
+@pytest.fixture(scope="module")
+def weak_adder():
+    return train_weak_adder()
 
 
 # ---- the losses, by hand -------------------------------------------------------------------------

@@ -262,7 +262,8 @@ def test_grpo_killed_twice_resumes_to_the_same_run_and_is_deterministic(tmp_path
     from test_grpo import eos_prone_model  # rewards that differ within groups: the weights move
     base = save_checkpoint(str(tmp_path / "base"), "step_0", eos_prone_model(), TOK)
     args = [f"--init={base}", "--digits=1", "--n_train=50", "--n_test=10", "--prompts_per_step=4",
-            "--group_size=4", "--max_steps=6", "--eval_every=2", "--overlong=soft", "--overlong_cache=8"]
+            "--group_size=4", "--max_steps=6", "--eval_every=2", "--overlong=soft", "--overlong_cache=8",
+            "--beta=0.04"]  # a KL term: the frozen reference must be the initial policy after a resume too
     straight = result(launch("grpo", [*args, f"--out_dir={tmp_path / 'a'}"]))
     assert result(launch("grpo", [*args, f"--out_dir={tmp_path / 'a2'}"])) == straight
     resumed = result(kill_twice_and_resume("grpo", args, tmp_path / "b", 3, "step_000004"))
@@ -307,3 +308,38 @@ def test_sft_under_torchrun_with_two_processes_equals_one(tmp_path):
     la = [r["loss"] for r in metric_rows(tmp_path / "one") if "loss" in r]
     lb = [r["loss"] for r in metric_rows(tmp_path / "two") if "loss" in r]
     assert len(la) == len(lb) == 20 and max(abs(x - y) for x, y in zip(la, lb)) < 1e-4
+
+
+def test_ppo_killed_twice_resumes_to_the_same_run_and_is_deterministic(tmp_path):
+    """From a model right on about half of the prompts (rewards differ), with a separate critic
+    and the adaptive KL controller: policy, critic, value head, both optimizers and beta all
+    come back."""
+    from test_dpo import train_weak_adder
+    base = save_checkpoint(str(tmp_path / "base"), "step_0", train_weak_adder(), TOK)
+    args = [f"--init={base}", "--digits=1", "--n_train=50", "--n_test=10", "--prompts_per_step=4",
+            "--samples_per_prompt=2", "--ppo_epochs=2", "--minibatches=2", "--max_steps=6", "--eval_every=2",
+            "--critic=separate", "--target_kl=0.01"]
+    straight = result(launch("ppo", [*args, f"--out_dir={tmp_path / 'a'}"]))
+    assert result(launch("ppo", [*args, f"--out_dir={tmp_path / 'a2'}"])) == straight
+    resumed = result(kill_twice_and_resume("ppo", args, tmp_path / "b", 3, "step_000004"))
+    assert resumed == straight
+    check_same_run(tmp_path / "a", tmp_path / "b")
+    assert any(not torch.equal(final_weights(tmp_path / "a")[k], v)
+               for k, v in load_file(os.path.join(base, "model.safetensors")).items())
+
+
+def test_disk_full_mid_run_stops_the_script_with_its_last_checkpoint(tmp_path, monkeypatch):
+    """SFT's second checkpoint cannot be written: the run stops with one message naming the
+    error and the intact previous checkpoint, which still loads."""
+    real_save, calls = torch.save, []
+
+    def fills_up(*a, **k):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        return real_save(*a, **k)
+    monkeypatch.setattr(torch, "save", fills_up)
+    code, err = run_script("sft", *SFT_ARGS, f"--out_dir={tmp_path}")
+    assert code != 0 and "No space left on device" in err and "step_000005 is intact" in err, err[-2000:]
+    assert sorted(d for d in os.listdir(tmp_path / "ckpt") if d.startswith("step")) == ["step_000005"]
+    assert load_model(str(tmp_path)).config.n_embd == 32

@@ -239,10 +239,19 @@ def kill_twice_and_resume(name, args, run_dir, kill_at_step, kill_in_save):
     return launch(name, [*args, f"--resume={run_dir}"])
 
 
-def check_same_run(straight_dir, killed_dir):
-    a, b = final_weights(straight_dir), final_weights(killed_dir)
+def check_kill_resume_and_determinism(name, args, tmp_path, kill_at_step, kill_in_save, base=None):
+    """Two straight runs give the same RESULT; a run killed twice and resumed ends with the same
+    RESULT, bitwise the same weights and the same metrics rows; and (given the base checkpoint)
+    the weights did move, so the comparison is not of untouched models."""
+    straight = result(launch(name, [*args, f"--out_dir={tmp_path / 'a'}"]))
+    assert result(launch(name, [*args, f"--out_dir={tmp_path / 'a2'}"])) == straight
+    assert result(kill_twice_and_resume(name, args, tmp_path / "b", kill_at_step, kill_in_save)) == straight
+    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert metric_rows(straight_dir) == metric_rows(killed_dir)
+    assert metric_rows(tmp_path / "a") == metric_rows(tmp_path / "b")
+    if base is not None:
+        start = load_file(os.path.join(base, "model.safetensors"))
+        assert any(not torch.equal(a[k], v) for k, v in start.items())
 
 
 SFT_ARGS = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--digits=2", "--n_train=500", "--n_test=10",
@@ -250,12 +259,7 @@ SFT_ARGS = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--digits=2", "--n_train
 
 
 def test_sft_killed_twice_resumes_to_the_same_run_and_is_deterministic(tmp_path):
-    straight = result(launch("sft", [*SFT_ARGS, f"--out_dir={tmp_path / 'a'}"]))
-    again = result(launch("sft", [*SFT_ARGS, f"--out_dir={tmp_path / 'a2'}"]))
-    assert straight == again  # same seed, same config: the same RESULT
-    resumed = result(kill_twice_and_resume("sft", SFT_ARGS, tmp_path / "b", 8, "step_000015"))
-    assert resumed == straight
-    check_same_run(tmp_path / "a", tmp_path / "b")
+    check_kill_resume_and_determinism("sft", SFT_ARGS, tmp_path, 8, "step_000015")
 
 
 def test_grpo_killed_twice_resumes_to_the_same_run_and_is_deterministic(tmp_path):
@@ -264,13 +268,7 @@ def test_grpo_killed_twice_resumes_to_the_same_run_and_is_deterministic(tmp_path
     args = [f"--init={base}", "--digits=1", "--n_train=50", "--n_test=10", "--prompts_per_step=4",
             "--group_size=4", "--max_steps=6", "--eval_every=2", "--overlong=soft", "--overlong_cache=8",
             "--beta=0.04"]  # a KL term: the frozen reference must be the initial policy after a resume too
-    straight = result(launch("grpo", [*args, f"--out_dir={tmp_path / 'a'}"]))
-    assert result(launch("grpo", [*args, f"--out_dir={tmp_path / 'a2'}"])) == straight
-    resumed = result(kill_twice_and_resume("grpo", args, tmp_path / "b", 3, "step_000004"))
-    assert resumed == straight
-    check_same_run(tmp_path / "a", tmp_path / "b")
-    assert any(not torch.equal(final_weights(tmp_path / "a")[k], v)
-               for k, v in load_file(os.path.join(base, "model.safetensors")).items())
+    check_kill_resume_and_determinism("grpo", args, tmp_path, 3, "step_000004", base)
 
 
 def test_dpo_killed_twice_resumes_to_the_same_run_and_is_deterministic(tmp_path):
@@ -284,11 +282,7 @@ def test_dpo_killed_twice_resumes_to_the_same_run_and_is_deterministic(tmp_path)
     base = save_checkpoint(str(tmp_path / "base"), "step_0", tiny(), TOK)
     args = [f"--init={base}", f"--data={pairs}", "--digits=1", "--n_train=40", "--n_test=10", "--batch_size=8",
             "--epochs=2", "--eval_every=3", "--lr=1e-3"]
-    straight = result(launch("dpo", [*args, f"--out_dir={tmp_path / 'a'}"]))
-    assert result(launch("dpo", [*args, f"--out_dir={tmp_path / 'a2'}"])) == straight
-    resumed = result(kill_twice_and_resume("dpo", args, tmp_path / "b", 5, "step_000006"))
-    assert resumed == straight
-    check_same_run(tmp_path / "a", tmp_path / "b")
+    check_kill_resume_and_determinism("dpo", args, tmp_path, 5, "step_000006", base)
 
 
 def test_sft_under_torchrun_with_two_processes_equals_one(tmp_path):
@@ -319,13 +313,7 @@ def test_ppo_killed_twice_resumes_to_the_same_run_and_is_deterministic(tmp_path)
     args = [f"--init={base}", "--digits=1", "--n_train=50", "--n_test=10", "--prompts_per_step=4",
             "--samples_per_prompt=2", "--ppo_epochs=2", "--minibatches=2", "--max_steps=6", "--eval_every=2",
             "--critic=separate", "--target_kl=0.01"]
-    straight = result(launch("ppo", [*args, f"--out_dir={tmp_path / 'a'}"]))
-    assert result(launch("ppo", [*args, f"--out_dir={tmp_path / 'a2'}"])) == straight
-    resumed = result(kill_twice_and_resume("ppo", args, tmp_path / "b", 3, "step_000004"))
-    assert resumed == straight
-    check_same_run(tmp_path / "a", tmp_path / "b")
-    assert any(not torch.equal(final_weights(tmp_path / "a")[k], v)
-               for k, v in load_file(os.path.join(base, "model.safetensors")).items())
+    check_kill_resume_and_determinism("ppo", args, tmp_path, 3, "step_000004", base)
 
 
 def test_disk_full_mid_run_stops_the_script_with_its_last_checkpoint(tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ bench:
 	$(PY) bench/sampler.py
 	$(PY) bench/logprob.py
 	$(PY) bench/grpo_step.py
+	$(PY) bench/attention.py
 
 # nvcc compile of kernels.cu against torch's headers (what CI runs; skips without nvcc)
 compile-check:

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Every GPU check in one go, for a lent GPU box whose python3 already has torch:
-#   bash bench/gpu.sh [OUT_DIR] [build] [tests] [sampler] [logprob] [sft]   (none named: all)
+#   bash bench/gpu.sh [OUT_DIR] [build] [tests] [sampler] [logprob] [sft] [attention]   (none named: all)
 # TESTS="tests/x.py ..." narrows the tests part. build: kernels.cu as kernels_cuda in place; tests: the suite, CUDA tests included; sampler:
 # bench/sampler.py in bf16; logprob: bench/logprob.py in bf16 (kernel vs torch paths); sft: a
-# larger SFT run (85M params, 4-digit addition) reporting step time and MFU.
+# larger SFT run (85M params, 4-digit addition) reporting step time and MFU; attention:
+# bench/attention.py in bf16 (CoPE and MTA vs standard attention at T = 1024, 2048).
 set -uo pipefail
 out=${1:-${OUT:-/tmp}}
 shift || true
-parts=${*:-build tests sampler logprob sft}
+parts=${*:-build tests sampler logprob sft attention}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
@@ -17,6 +18,7 @@ for part in $parts; do
            python3 -c "import kernels; print('CUDA kernels built:', kernels.HAVE_CUDA_KERNELS)" ;;
     logprob) python3 bench/logprob.py --device=cuda --dtype=bfloat16 2>&1 | tee "$out/gpu_bench_logprob.txt" | tail -n 12 ;;
     tests) python3 -m pytest -q -p no:cacheprovider ${TESTS:-} 2>&1 | tee "$out/gpu_tests.txt" | tail -n 15 ;;
+    attention) python3 bench/attention.py --device=cuda --dtype=bfloat16 --batch=4 --n_head=16 2>&1 | tee "$out/gpu_bench_attention.txt" ;;
     sampler) python3 bench/sampler.py --device=cuda --dtype=bfloat16 2>&1 | tee "$out/gpu_bench_sampler.txt" | tail -n 6 ;;
     sft) python3 algos/sft.py --device=cuda --digits=4 --n_layer=12 --n_head=12 --n_embd=768 \
            --batch_size=1024 --lr=3e-4 --min_lr=3e-5 --max_steps=1500 --eval_every=500 \

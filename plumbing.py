@@ -136,6 +136,15 @@ def setup_distributed(device=None):
     return Dist(rank, local, world, torch.device(f"cuda:{local}" if want_cuda else "cpu"))
 
 
+def setup_one_process(device, script):
+    """setup_distributed for the comparison scripts (coconut, cope, mta): their models are small,
+    so under torchrun there would be nothing to split; say so instead of running N copies."""
+    d = setup_distributed(device or None)
+    if d.world_size > 1:
+        raise SystemExit(f"{script} runs in one process (its models are small); run it without torchrun")
+    return d
+
+
 def teardown_distributed():
     if dist.is_initialized():
         # every rank arrives before the group goes: a rank that tears down while another still

@@ -36,7 +36,7 @@ from data import prosqa
 from data.tokenizers import WordTokenizer
 from model import GPT, GPTConfig
 from plumbing import (Metrics, StepGuard, autocast, cli_config, make_run_dir, peak_rss_mb, print_result,
-                      save_checkpoint, seed_everything, setup_distributed, teardown_distributed)
+                      save_checkpoint, seed_everything, setup_one_process, teardown_distributed)
 from sampler import KVCache, evaluate
 from sft import make_batch
 
@@ -292,9 +292,7 @@ def train_mode(mode, cfg, tok, train, test, device, metrics, block_size, max_new
 
 def main():
     cfg = cli_config(Config)
-    d = setup_distributed(cfg.device or None)
-    if d.world_size > 1:
-        raise SystemExit("coconut.py runs in one process (the three modes are small); run it without torchrun")
+    d = setup_one_process(cfg.device, "coconut.py")
     seed_everything(cfg.seed)
     tok = WordTokenizer(prosqa.WORDS)
     knobs = dict(n_nodes=cfg.n_nodes, min_depth=cfg.min_depth, max_depth=cfg.max_depth, n_extra=cfg.n_extra)

@@ -23,7 +23,8 @@ from tqdm import tqdm
 from data import cope_tasks
 from data.tokenizers import WordTokenizer
 from model import GPT, GPTConfig
-from plumbing import Metrics, StepGuard, cli_config, make_run_dir, print_result, seed_everything, setup_distributed
+from plumbing import (Metrics, StepGuard, cli_config, make_run_dir, print_result, seed_everything,
+                      setup_one_process)
 
 
 @dataclass
@@ -35,6 +36,7 @@ class Config:
     n_head: int = 4
     n_embd: int = 64
     npos_max: int = 64           # cope: positions counted up to npos_max - 1
+    flipflop_pairs: int = 0      # > 0: Flip-Flop sequences of this many instruction pairs (ID and OOD)
     # training
     steps: int = 2000
     batch_size: int = 32
@@ -51,6 +53,8 @@ class Config:
             bad = [x for x in getattr(self, name).split(",") if x not in allowed]
             if bad:
                 raise ValueError(f"{name}: unknown {bad}; choose from {sorted(allowed)}")
+        if self.flipflop_pairs < 0 or self.flipflop_pairs == 1:
+            raise ValueError(f"flipflop_pairs must be 0 (the default length) or >= 2, got {self.flipflop_pairs}")
         for name in ("steps", "batch_size", "n_eval", "n_layer", "n_head", "n_embd", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -89,9 +93,7 @@ def error_rate(model, tok, examples, device, batch_size=250):
 
 def main():
     cfg = cli_config(Config)
-    d = setup_distributed(cfg.device or None)
-    if d.world_size > 1:
-        raise SystemExit("cope.py runs in one process (the models are small); run it without torchrun")
+    d = setup_one_process(cfg.device, "cope.py")
     seed_everything(cfg.seed)
     tok = WordTokenizer(cope_tasks.WORDS)
     run_dir = make_run_dir(cfg.out_dir, "cope", cfg)
@@ -100,6 +102,8 @@ def main():
     id_err, ood_err, params = {}, {}, {}
     for task in tasks:
         gen, setting = cope_tasks.TASKS[task], cope_tasks.SETTINGS[task]
+        if task == "flipflop" and cfg.flipflop_pairs:
+            setting = {k: dict(v, n_pairs=cfg.flipflop_pairs) for k, v in setting.items()}
         rng = random.Random(cfg.seed + 1)  # held-out sets: the same for every encoding
         test = {k: [gen(rng, **setting[k]) for _ in range(cfg.n_eval)] for k in ("id", "ood")}
         block = max(len(w) for w, _ in test["ood"]) + 8

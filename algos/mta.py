@@ -32,7 +32,8 @@ from tqdm import tqdm
 from data import find_block
 from data.tokenizers import CharTokenizer
 from model import GPT, GPTConfig
-from plumbing import Metrics, StepGuard, cli_config, make_run_dir, print_result, seed_everything, setup_distributed
+from plumbing import (Metrics, StepGuard, cli_config, make_run_dir, print_result, seed_everything,
+                      setup_one_process)
 from sampler import generate
 
 TEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "tinytext.txt")
@@ -145,9 +146,7 @@ def val_loss(model, ids, block, device, batch_size=64):
 
 def main():
     cfg = cli_config(Config)
-    d = setup_distributed(cfg.device or None)
-    if d.world_size > 1:
-        raise SystemExit("mta.py runs in one process (the models are small); run it without torchrun")
+    d = setup_one_process(cfg.device, "mta.py")
     seed_everything(cfg.seed)
     run_dir = make_run_dir(cfg.out_dir, "mta", cfg)
     metrics = Metrics(run_dir)

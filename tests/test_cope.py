@@ -79,7 +79,8 @@ def test_error_rate_counts_wrong_target_tokens():
 
 
 @pytest.mark.parametrize("kw, msg", [(dict(tasks="counting,sorting"), "unknown"), (dict(pos="alibi"), "unknown"),
-                                     (dict(steps=0), "steps must be >= 1"), (dict(lr=0.0), "lr must be > 0")])
+                                     (dict(steps=0), "steps must be >= 1"), (dict(lr=0.0), "lr must be > 0"),
+                                     (dict(flipflop_pairs=1), "flipflop_pairs must be")])
 def test_config_rejects_bad_values(kw, msg):
     with pytest.raises(ValueError, match=msg):
         cope.Config(**kw)

@@ -254,12 +254,12 @@ def visible_softmax(a, seen):
 class MTAAttention(CausalSelfAttention):
     """Multi-Token Attention (Golovneva et al., arXiv 2504.00927): a key's weight may depend on
     several queries, keys and heads at once, so a query can look for "the block holding both
-    a and b" although no single key holds both (sec. 3).
+    a and b" although no single key holds both.
         A_ij = q_i . k_j / sqrt(D) for visible keys, 0 for hidden ones      (zeroed before the conv)
-        A'_ij = sum_{a < c_q, s < c_k} w[a, s] A_{i - (c_q - 1 - a), j + s - c_k // 2}   (eq. 4)
+        A'_ij = sum_{a < c_q, s < c_k} w[a, s] A_{i - (c_q - 1 - a), j + s - c_k // 2}   (key-query conv)
         att = softmax(A' + mask)             (mta_kq="post": softmax first, then the convolution)
-        att_h = sum_{h' in h's group} W[h, h'] att_h'   (head mixing, groups of c_h; eq. 6)
-        y_h = att_h v_h;  y_h = RMSNorm(y_h) * (1 - lambda_l)  or  * sigmoid(g . y_h + b)  (sec. 3.3)
+        att_h = sum_{h' in h's group} W[h, h'] att_h'   (head mixing conv, groups of c_h)
+        y_h = att_h v_h;  y_h = RMSNorm(y_h) * (1 - lambda_l)  or  * sigmoid(g . y_h + b)  (group norm)
     with lambda_l = 0.8 - 0.6 exp(-0.3 l) for layer l. The kernel looks only at the current and
     earlier queries and at keys the query itself may see (they are zero before the convolution
     and -inf after it), so nothing leaks from the future. Kernels start at the identity (current
@@ -285,7 +285,7 @@ class MTAAttention(CausalSelfAttention):
             self.head_norm = nn.RMSNorm(D, eps=1e-5)  # one gain over head_dim, shared by the heads
         if self.norm == "gate":
             self.gate = nn.Linear(D, 1)
-        # depth-dependent scale of Differential Transformer (arXiv 2410.05258), as MTA sec. 3.3
+        # the depth-dependent scale MTA takes from Differential Transformer (arXiv 2410.05258)
         self.out_scale = 1.0 - (0.8 - 0.6 * math.exp(-0.3 * layer))
 
     def kq_conv(self, a):

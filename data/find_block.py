@@ -1,4 +1,4 @@
-"""The toy task of Multi-Token Attention (Golovneva et al., arXiv 2504.00927, sec. 4.1): find
+"""The toy task of Multi-Token Attention (Golovneva et al., arXiv 2504.00927): find
 the block that holds all the query letters.
 
     prompt  "kbqez.mwtar.hgydu.xlopf#wa"     (blocks of block_len distinct letters, '.'-separated,
@@ -8,7 +8,7 @@ Each query letter sits in several blocks; only the target holds them all (a seco
 is redrawn). A standard attention weight compares one query vector with one key vector, so a
 head that finds "w" cannot also require "a" in the same block: the query must pack both
 letters into one vector and the keys the whole block. MTA's convolution over neighbouring
-queries and keys lets one weight combine both matches (fig. 1 of the paper).
+queries and keys lets one weight combine both matches.
 
 The paper: 26 letters, block_len 5, n_query 2, 319-token sequences (about 53 blocks).
 """

@@ -6,7 +6,7 @@ NPROC ?= 1
 # NPROC>1 runs the same script under torchrun (python -m torch.distributed.run)
 RUN = $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run --nproc_per_node=$(NPROC))
 
-.PHONY: setup test bench compile-check clean sft grpo grpo-countdown grpo-compare ppo dpo dpo-compare irpo coconut cope mta
+.PHONY: setup test bench compile-check clean sft grpo grpo-countdown grpo-compare ppo dpo dpo-compare irpo coconut cope cope-flipflop mta
 
 setup:
 	python3 -m venv $(VENV)
@@ -82,6 +82,11 @@ coconut:
 # CoPE vs learned / RoPE / no positions on counting, Flip-Flop and selective copy (ID and OOD)
 cope:
 	$(PY) algos/cope.py --out_dir=runs/cope $(ARGS)
+
+# Flip-Flop at 128 instruction pairs (256 tokens) instead of 32: reads far from their write,
+# where learned / rotary / no positions fail and CoPE does not (about 27 min on 2 CPU cores)
+cope-flipflop:
+	$(PY) algos/cope.py --tasks=flipflop --flipflop_pairs=128 --n_eval=300 --out_dir=runs/cope-flipflop $(ARGS)
 
 # Multi-Token Attention vs standard attention: the find-the-block toy task and a char-level LM
 mta:

@@ -312,7 +312,8 @@ def make_run_dir(out_dir, method, config, master=True):
 class Metrics:
     """Appends one JSON object per line to run_dir/metrics.jsonl (rank 0 only). resume_step: a
     run resumed from the checkpoint of that step first drops the rows logged after it (a killed
-    run may have logged steps it never checkpointed; they are logged again on the way back)."""
+    run may have logged steps it never checkpointed; they are logged again on the way back), and
+    a line torn by the kill."""
 
     def __init__(self, run_dir, master=True, resume_step=None):
         self.path = os.path.join(run_dir, "metrics.jsonl")
@@ -320,9 +321,17 @@ class Metrics:
         if master and resume_step is not None and os.path.exists(self.path):
             with open(self.path) as f:
                 rows = [l for l in f if l.strip()]
-            keep = [l for l in rows if json.loads(l).get("step", -1) <= resume_step]
+            keep = [l for l in rows if self._row_step(l) <= resume_step]
             if len(keep) < len(rows):
                 atomic_write_text(self.path, "".join(keep))
+
+    @staticmethod
+    def _row_step(line):
+        """A row's step (-1 when it has none); inf for a line that is not whole JSON."""
+        try:
+            return json.loads(line).get("step", -1)
+        except json.JSONDecodeError:
+            return float("inf")
 
     def log(self, **row):
         _fault_point(f"step:{row.get('step')}")

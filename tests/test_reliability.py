@@ -194,6 +194,8 @@ def test_metrics_of_a_resumed_run_drop_rows_after_its_checkpoint(tmp_path):
     for s in range(1, 8):
         m.log(step=s, loss=1.0 / s)
     m.log(note="no step")
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 8, "loss": 0.1')  # the line a SIGKILL cut in half
     Metrics(str(tmp_path), resume_step=5)
     rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
     assert [r.get("step") for r in rows] == [1, 2, 3, 4, 5, None]

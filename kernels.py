@@ -368,7 +368,7 @@ def hidden_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=Fal
 # ----------------------------------------------------------------------------------------------
 # sampling
 
-def sample_tokens(logits, temperature=1.0, generator=None):
+def sample_tokens(logits, temperature=1.0, generator=None, split=None):
     """One token per row from softmax(logits / T), and its log-prob under that softmax.
 
     logits (B, V) any float dtype -> (tokens int64 (B,), logprobs fp32 (B,)).
@@ -378,6 +378,9 @@ def sample_tokens(logits, temperature=1.0, generator=None):
     greedy: argmax, log-prob 0 (the greedy policy is deterministic). The torch path draws U from
     `generator` (on the generator's device); the kernel path draws one seed from it instead and
     hashes it with each element's index in the kernel (splitmix64), so the two paths give different tokens for the same generator.
+    split = (first, total): these rows are rows first.. of a total-row batch split across
+    processes; both paths then give each row the noise it has in the whole batch (the torch path
+    draws U for all total rows and slices; the kernel offsets its element index).
     """
     fn = "sample_tokens"
     if not torch.is_tensor(logits) or not logits.is_floating_point() or logits.dim() != 2:
@@ -385,6 +388,9 @@ def sample_tokens(logits, temperature=1.0, generator=None):
                          f"got {getattr(logits, 'shape', type(logits))}")
     if temperature < 0:
         raise ValueError(f"{fn}: temperature must be >= 0, got {temperature}")
+    first, total = split or (0, logits.size(0))
+    if not 0 <= first <= total - logits.size(0):
+        raise ValueError(f"{fn}: split (first, total) = {split} do not hold {logits.size(0)} rows")
     cdt = _compute_dtype(logits)
     if temperature == 0:
         tokens = logits.argmax(-1)
@@ -392,11 +398,12 @@ def sample_tokens(logits, temperature=1.0, generator=None):
     if _use_kernel(logits):
         gen_device = generator.device if generator is not None else torch.device("cpu")
         seed = int(torch.randint(2**62, (1,), generator=generator, device=gen_device))
-        tokens, lp = _C.sample(logits.contiguous(), float(temperature), seed, 0)
+        tokens, lp = _C.sample(logits.contiguous(), float(temperature), seed, first * logits.size(1))
         return tokens, lp
     z = logits.to(cdt) / temperature
     gen_device = generator.device if generator is not None else z.device
-    u = torch.rand(z.shape, generator=generator, device=gen_device, dtype=cdt).to(z.device)
+    u = torch.rand(total, z.size(1), generator=generator, device=gen_device, dtype=cdt)
+    u = u[first:first + z.size(0)].to(z.device)
     u.clamp_(min=torch.finfo(cdt).tiny)  # rand can return exactly 0; -log(-log 0) is -inf
     tokens = (z - torch.log(-torch.log(u))).argmax(-1)
     lp = z.gather(1, tokens[:, None]).squeeze(1) - torch.logsumexp(z, -1)

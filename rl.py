@@ -48,8 +48,11 @@ def start_run(cfg, method, d, tok, per_step):
     per_step is the script's global batch (prompts, or pairs for DPO), split across ranks.
     Returns (task, train, test, max_new_tokens, per_step per rank, run_dir, model)."""
     task, knobs = TASKS[cfg.task], task_knobs(cfg)
-    train = task.dataset(cfg.n_train, "train", seed=cfg.seed, **knobs)
-    test = task.dataset(cfg.n_test, "test", seed=cfg.seed + 1, **knobs)
+    try:
+        train = task.dataset(cfg.n_train, "train", seed=cfg.seed, **knobs)
+        test = task.dataset(cfg.n_test, "test", seed=cfg.seed + 1, **knobs)
+    except ValueError as e:  # e.g. more distinct problems asked for than the knobs allow
+        raise SystemExit(f"{method}: {e}")
     max_new_tokens = cfg.max_new_tokens or max(len(tok.encode(ex["answer"])) for ex in train + test) + 8
     longest_prompt = 1 + max(len(tok.encode(ex["prompt"])) for ex in train + test)
     if per_step % d.world_size:
@@ -122,6 +125,19 @@ def all_reduce_(tensors, world_size):
     if world_size > 1:
         for t in tensors:
             dist.all_reduce(t)
+
+
+def reduce_numbers(sums, maxes, world_size):
+    """Two dicts of floats, summed and maxed over ranks (unchanged for one process): a log row
+    under torchrun then describes the global batch, not rank 0's share of it."""
+    if world_size > 1:
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        s = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
+        m = torch.tensor(list(maxes.values()), dtype=torch.float64, device=device)
+        dist.all_reduce(s)
+        dist.all_reduce(m, op=dist.ReduceOp.MAX)
+        sums, maxes = dict(zip(sums, s.tolist())), dict(zip(maxes, m.tolist()))
+    return sums, maxes
 
 
 def kl_estimate(logprobs, ref_logprobs, kind):

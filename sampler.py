@@ -117,18 +117,27 @@ def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
     return logits
 
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None, split=None):
     """Draw one token per row from float32 logits (B, V). Returns (tokens (B,), logprobs (B,)),
     the log-prob under the filtered distribution the token was drawn from. temperature=0 is
     greedy: the distribution is a point mass, so its log-prob is 0. On CUDA with kernels_cuda
-    built and no top-k / top-p, kernels.sample_tokens draws in one pass (Gumbel-max)."""
+    built and no top-k / top-p, kernels.sample_tokens draws in one pass (Gumbel-max).
+
+    The draw is argmax(p / E) with E ~ Exp(1) i.i.d. per element (the exponential race; argmax
+    of p / E has law p), which is what torch.multinomial(p, 1) computes, bit for bit.
+    split = (first, total): these B rows are rows first..first+B-1 of a total-row batch that other
+    processes sample the rest of; the noise is drawn for all total rows and sliced, so a batch
+    split across processes draws exactly the tokens one process drawing it whole would."""
     if temperature == 0:
         return logits.argmax(dim=-1), torch.zeros(logits.size(0), device=logits.device)
+    first, total = split or (0, logits.size(0))
     if logits.is_cuda and kernels.HAVE_CUDA_KERNELS and top_k is None and (top_p is None or top_p >= 1.0):
-        return kernels.sample_tokens(logits, temperature, generator)  # one fused pass per row
+        return kernels.sample_tokens(logits, temperature, generator, split)  # one fused pass per row
     logp = F.log_softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
-    tok = torch.multinomial(logp.exp(), 1, generator=generator)  # (B, 1)
-    return tok[:, 0], logp.gather(-1, tok)[:, 0]
+    B, V = logp.shape
+    noise = torch.empty(total, V, device=logp.device).exponential_(generator=generator)[first:first + B]
+    tok = (logp.exp() / noise).argmax(dim=-1)
+    return tok, logp.gather(-1, tok[:, None])[:, 0]
 
 
 @dataclass
@@ -178,17 +187,22 @@ def _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-             stop_tokens=(), seed=None, use_cache=True, pad_id=0, progress=False, num_samples=1):
+             stop_tokens=(), seed=None, use_cache=True, pad_id=0, progress=False, num_samples=1, split=None):
     """Sample continuations of `prompts` (a list of token-id lists, any lengths). Stopping is per
     row (the stop token is kept and counted in lengths); the loop ends when every row stopped.
     seed makes the draw reproducible; the model is put in eval mode for the call.
     num_samples > 1 samples each prompt that many times (rows prompt-major: row i * n + j is
-    prompt i's j-th sample), prefilling each prompt once and copying its cache rows."""
+    prompt i's j-th sample), prefilling each prompt once and copying its cache rows.
+    split = (first, total): this call samples rows first.. of a total-row batch (counted after
+    num_samples) split across processes; see sample_next. With the same seed, the split draws
+    the tokens one call over the whole batch would."""
     _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_id)
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"generate: num_samples must be an int >= 1, got {num_samples!r}")
     n_prompts = len(prompts)
     prompts = [p for p in prompts for _ in range(num_samples)]
+    if split is not None and not (0 <= split[0] and split[0] + len(prompts) <= split[1]):
+        raise ValueError(f"generate: split (first, total) = {split} do not hold this call's {len(prompts)} rows")
     device = next(model.parameters()).device
     B, N = len(prompts), max_new_tokens
     lens = torch.tensor([len(p) for p in prompts], device=device)
@@ -220,7 +234,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=
     else:
         logits = full_forward(model, seq[:, :T], lens - 1)
     for t in tqdm(range(N), desc="generate", disable=not progress):
-        tok, lp = sample_next(logits, temperature, top_k, top_p, generator)
+        tok, lp = sample_next(logits, temperature, top_k, top_p, generator, split)
         tokens[:, t] = torch.where(done, pad_id, tok)
         logprobs[:, t] = torch.where(done, 0.0, lp)
         stopped = ~done & torch.isin(tok, stop)
@@ -304,7 +318,12 @@ class Rollout:
 def rollout(model, tokenizer, problems, reward_fn, group_size, max_new_tokens, **kwargs):
     """Sample group_size completions of each problem (kwargs go to generate: temperature, seed, ...)
     and score each with reward_fn(prompt, text). A completion that never emitted EOS scores 0:
-    with no end there is no answer to check. Each prompt is prefilled once for its group."""
+    with no end there is no answer to check. Each prompt is prefilled once for its group. No
+    problems (a rank whose share of a split batch is empty) give an empty Rollout."""
+    if not problems:
+        device = next(model.parameters()).device
+        none = torch.zeros(0, max_new_tokens, dtype=torch.long, device=device)
+        return Rollout([], [], none, none.float(), none[:, 0], none[:, 0].bool(), none[:, 0].float(), [])
     rows = [p for p in problems for _ in range(group_size)]
     out, texts, finished = sample_texts(model, tokenizer, [p["prompt"] for p in problems], max_new_tokens,
                                         num_samples=group_size, **kwargs)

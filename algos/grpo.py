@@ -24,7 +24,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from data import TASKS, task_knobs
@@ -32,8 +31,8 @@ from data.tokenizers import CharTokenizer
 from plumbing import (Metrics, StepGuard, autocast, cli_config, load_state, print_result, resolve_checkpoint,
                       rng_state, save_checkpoint, seed_everything, set_rng_state, setup_distributed,
                       teardown_distributed)
-from rl import (all_reduce_, clipped_policy_loss, evaluate_policy, kl_estimate, record_eval, reference_policy,
-                run_result, start_run, token_weights)
+from rl import (all_reduce_, clipped_policy_loss, evaluate_policy, kl_estimate, record_eval, reduce_numbers,
+                reference_policy, run_result, start_run, token_weights)
 from sampler import Rollout, completion_logprobs, rollout
 
 
@@ -146,32 +145,46 @@ def overlong_penalty(lengths, max_new_tokens, cache):
 
 # ---- sampling a batch ------------------------------------------------------------------------
 
-def sample_batch(model, tok, task, problems_rng, train, n_prompts, cfg, max_new_tokens, seed):
-    """Rollouts of n_prompts prompts x G. With dynamic sampling (DAPO), groups whose rewards are
-    all equal (zero advantage, zero gradient) are dropped and more prompts are drawn until
-    n_prompts informative groups are in hand or max_sampling_rounds rollouts were made; the
-    batch may then be smaller. Returns (rollout, stats)."""
-    G, kept, n_groups, n_flat = cfg.group_size, [], 0, 0
+def sample_batch(model, tok, task, problems_rng, train, n_prompts, cfg, max_new_tokens, seed,
+                 rank=0, world_size=1):
+    """Rollouts of the global batch, n_prompts prompts x G. Every rank draws the same prompts
+    (problems_rng is in the same state on all of them) and samples a contiguous share, each row
+    with the noise it has in the whole batch (generate's split): N processes sample exactly what
+    one process sampling the whole batch would. With dynamic sampling (DAPO), groups whose
+    rewards are all equal (zero advantage, zero gradient) are dropped and more prompts drawn
+    until n_prompts informative groups are in hand or max_sampling_rounds rollouts were made; the
+    batch may then be smaller. Which groups are kept is decided on the global batch, so ranks
+    may end up holding different numbers of groups, or none. Returns (this rank's rollout, the
+    position of each of its groups in the global batch (as one process would order it), stats
+    of the global batch)."""
+    G, kept, positions, n_kept, n_groups, n_flat = cfg.group_size, [], [], 0, 0, 0
     for rnd in range(cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
-        need = n_prompts - sum(len(k.problems) // G for k in kept)
+        need = n_prompts - n_kept
         draw = need if rnd == 0 else min(4 * n_prompts, 2 * need)  # over-draw to top up faster
-        ro = rollout(model, tok, problems_rng.choices(train, k=draw), task.reward, G, max_new_tokens,
-                     temperature=cfg.temperature, seed=seed * 100 + rnd)
-        flat = (ro.rewards.view(draw, G).std(dim=1) == 0).tolist()
-        n_groups, n_flat = n_groups + draw, n_flat + sum(flat)
+        problems = problems_rng.choices(train, k=draw)
+        lo, hi = draw * rank // world_size, draw * (rank + 1) // world_size
+        ro = rollout(model, tok, problems[lo:hi], task.reward, G, max_new_tokens, temperature=cfg.temperature,
+                     seed=seed * 100 + rnd, split=(lo * G, draw * G))
+        flat = torch.zeros(draw, device=ro.rewards.device)
+        flat[lo:hi] = (ro.rewards.view(-1, G).std(dim=1) == 0).float()
+        all_reduce_([flat], world_size)
+        n_groups, n_flat = n_groups + draw, n_flat + int(flat.sum())
         if not cfg.dynamic_sampling:
-            kept.append(ro)
+            stats = {"flat_groups": n_flat / n_groups, "sampled_groups": n_groups, "batch_groups": draw}
+            return ro, list(range(lo, hi)), stats
+        keep = (flat == 0).nonzero()[:need, 0].tolist()  # this round's first informative groups
+        mine = [j for j, i in enumerate(keep) if lo <= i < hi]
+        kept.append(ro.take([(keep[j] - lo) * G + g for j in mine for g in range(G)]))
+        positions += [n_kept + j for j in mine]
+        n_kept += len(keep)
+        if n_kept == n_prompts:
             break
-        rows = [i * G + g for i in range(draw) if not flat[i] for g in range(G)]
-        if rows:
-            kept.append(ro.take(rows[:need * G]))
-        if len(rows) >= need * G:
-            break
-    if not kept:  # nothing informative at all: train on flat groups (zero gradient) rather than none
-        kept.append(ro.take(list(range(min(draw, n_prompts) * G))))
-    batch = Rollout.cat(kept)
-    return batch, {"flat_groups": n_flat / n_groups, "sampled_groups": n_groups,
-                   "batch_groups": len(batch.problems) // G}
+    if n_kept == 0:  # nothing informative at all: train on flat groups (zero gradient) rather than none
+        n_kept = min(draw, n_prompts)
+        positions = list(range(lo, max(lo, min(hi, n_kept))))
+        kept = [ro.take(list(range(len(positions) * G)))]
+    return Rollout.cat(kept), positions, {"flat_groups": n_flat / n_groups, "sampled_groups": n_groups,
+                                          "batch_groups": n_kept}
 
 
 # ---- the script ------------------------------------------------------------------------------
@@ -179,12 +192,13 @@ def sample_batch(model, tok, task, problems_rng, train, n_prompts, cfg, max_new_
 def minibatch_gradient(model, batch, groups, adv, old_lp, ref_lp, cfg, max_new_tokens, world_size,
                        pad_id, stats=None):
     """Accumulate into .grad the gradient of one optimizer step's loss over the groups `groups`
-    (indices of G-row groups of batch), in cfg.grad_accum micro-batches of whole groups (each
-    prompt then runs once for its G completions, see sampler.SharedPrefix). The normaliser
-    (token_weights) counts the rows and tokens of every rank, so each rank's loss is its share
-    of the global loss and the ranks' gradients are summed, not averaged. old_lp None =
-    on-policy (old = the same forward, detached). Appends per-micro-batch numbers to stats;
-    returns the number of tokens run through the model."""
+    (indices of G-row groups of batch; this rank's part of the step's groups, possibly none), in
+    cfg.grad_accum micro-batches of whole groups (each prompt then runs once for its G
+    completions, see sampler.SharedPrefix). The normaliser (token_weights) counts the rows and
+    tokens of every rank, so each rank's loss is its share of the global loss and the ranks'
+    gradients are summed, not averaged. old_lp None = on-policy (old = the same forward,
+    detached). Adds token-weighted sums of the loss statistics to stats; returns the number of
+    tokens run through the model."""
     G, device = cfg.group_size, batch.tokens.device
     mask = batch.mask()
     rows = (groups[:, None] * G + torch.arange(G, device=device)).flatten()
@@ -194,7 +208,7 @@ def minibatch_gradient(model, batch, groups, adv, old_lp, ref_lp, cfg, max_new_t
     w[rows] = token_weights(mask[rows], cfg.loss_agg, max_new_tokens, counts[0], counts[1])
     stats = {} if stats is None else stats
     n_tokens = 0
-    for part in rows.view(-1, G).chunk(cfg.grad_accum):
+    for part in rows.view(-1, G).chunk(cfg.grad_accum) if len(rows) else ():
         r = part.flatten()
         prompts = [batch.prompts[i] for i in r.tolist()]
         with autocast(device):
@@ -203,12 +217,17 @@ def minibatch_gradient(model, batch, groups, adv, old_lp, ref_lp, cfg, max_new_t
                                           group_size=G)
         old = lp.detach() if old_lp is None else old_lp[r]
         loss, s = clipped_policy_loss(lp, old, None if ref_lp is None else ref_lp[r], adv[r], w[r], cfg,
-                            entropy=ent)
+                                      entropy=ent)
         loss.backward()
-        s["entropy"] = (ent.detach() * mask[r]).sum().item()
+        n = mask[r].sum().item()
+        s = {k: v * n for k, v in s.items() if k != "ratio_max"} | {"ratio_max": s["ratio_max"]}
+        s["entropy"], s["loss_tokens"] = (ent.detach() * mask[r]).sum().item(), n
         for k, v in s.items():
-            stats.setdefault(k, []).append(v)
+            stats[k] = max(stats.get(k, v), v) if k == "ratio_max" else stats.get(k, 0.0) + v
         n_tokens += sum(len(p) for p in prompts[::G]) + int(batch.lengths[r].sum())
+    if world_size > 1 and not len(rows):  # no groups here this step: add zeros to the ranks' sum
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p) if p.requires_grad and p.grad is None else p.grad
     all_reduce_([p.grad for p in model.parameters() if p.grad is not None], world_size)
     return n_tokens
 
@@ -218,19 +237,19 @@ def main():
     d = setup_distributed(cfg.device or None)
     seed_everything(cfg.seed + d.rank)
     tok = CharTokenizer()
-    task, train, test, max_new_tokens, n_prompts, run_dir, model = start_run(cfg, "grpo", d, tok, cfg.prompts_per_step)
+    task, train, test, max_new_tokens, _, run_dir, model = start_run(cfg, "grpo", d, tok, cfg.prompts_per_step)
     knobs = task_knobs(cfg)
     ckpt_dir = os.path.join(run_dir, "ckpt")
     G = cfg.group_size
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type=d.device.type)
-    problems_rng = random.Random(cfg.seed * 1000 + d.rank)
+    problems_rng = random.Random(cfg.seed * 1000)  # the same on every rank: they draw one global batch
     step, state = 0, {"best": {"accuracy": -1.0, "step": None}, "base": None,
                       "ref": None if cfg.resume else resolve_checkpoint(cfg.init)}
     if cfg.resume:
         saved = load_state(run_dir)
         optimizer.load_state_dict(saved["optimizer"])
         step, state = saved["step"], saved["state"]
-        problems_rng.setstate(saved["problems_rng"][d.rank])
+        problems_rng.setstate(saved["problems_rng"])
         set_rng_state(saved["rng"])
     # the frozen initial policy; with beta = 0 there is no reference at all
     ref = reference_policy(cfg, state, model, d.device) if cfg.beta > 0 else None
@@ -243,17 +262,13 @@ def main():
 
     def evaluate_and_save(step):
         """Greedy accuracy and pass@G on the held-out prompts, a checkpoint (rank 0 writes)."""
-        if d.world_size > 1:
-            rngs = [None] * d.world_size
-            dist.all_gather_object(rngs, problems_rng.getstate())
-        else:
-            rngs = [problems_rng.getstate()]
         res = None
         if d.master:
             res = evaluate_policy(model, tok, test, task, max_new_tokens, G, cfg.temperature, cfg.seed + 7)
             record_eval(state, res, step, metrics)
             save_checkpoint(ckpt_dir, f"step_{step:06d}", model, tok, optimizer,
-                            {"step": step, "state": state, "rng": rng_state(), "problems_rng": rngs})
+                            {"step": step, "state": state, "rng": rng_state(),
+                             "problems_rng": problems_rng.getstate()})
         return res
 
     t_start = time.time()
@@ -264,9 +279,9 @@ def main():
     while step < cfg.max_steps:
         t0 = time.time()
         # 1. sample G completions per prompt with the current policy, and score them
-        step_seed = (cfg.seed * 1_000_003 + step) * d.world_size + d.rank
-        batch, ds = sample_batch(model, tok, task, problems_rng, train, n_prompts, cfg,
-                                 max_new_tokens, step_seed)
+        step_seed = cfg.seed * 1_000_003 + step  # the same on every rank (see sample_batch)
+        batch, positions, ds = sample_batch(model, tok, task, problems_rng, train, cfg.prompts_per_step, cfg,
+                                 max_new_tokens, step_seed, d.rank, d.world_size)
         t_sampled = time.time()
         mask = batch.mask()
         task_rewards = batch.rewards
@@ -284,26 +299,29 @@ def main():
         off_policy = cfg.mu * cfg.minibatches > 1
         old_lp = ref_lp = None
         with torch.no_grad(), autocast(d.device):
-            if off_policy:
+            if off_policy and batch.problems:
                 old_lp = completion_logprobs(model, batch.prompts, batch.tokens, batch.lengths,
                                              cfg.temperature, pad_id=tok.pad_id, group_size=G)
-            if ref is not None:
+            if ref is not None and batch.problems:
                 ref_lp = completion_logprobs(ref, batch.prompts, batch.tokens, batch.lengths,
                                              cfg.temperature, pad_id=tok.pad_id, group_size=G)
-        if ref is not None and cfg.kl_mode == "reward":  # KL as a cost paid by the whole completion
+        if ref_lp is not None and cfg.kl_mode == "reward":  # KL as a cost paid by the whole completion
             old_or_cur = old_lp if old_lp is not None else batch.logprobs  # only for the penalty
             rewards = rewards - cfg.beta * (kl_estimate(old_or_cur, ref_lp, cfg.kl_estimator) * mask).sum(1)
         adv = group_advantages(rewards.view(-1, G), cfg.advantage).view(-1)
 
         # 3. mu passes x minibatches optimizer steps, each over grad_accum micro-batches; the
-        # batch is cut between groups, never inside one
-        n_groups = len(batch.problems) // G
+        # batch is cut between groups, never inside one. Minibatches are drawn over the positions
+        # of the groups in the global batch, so they do not depend on how it is split.
+        local = torch.full((ds["batch_groups"],), -1, dtype=torch.long)  # global position -> this rank's group
+        local[positions] = torch.arange(len(positions))
         order_gen = torch.Generator().manual_seed(step_seed)
         stats, grad_norms, n_train_tokens = {}, [], 0
         for _ in range(cfg.mu):
-            order = torch.randperm(n_groups, generator=order_gen) if off_policy else torch.arange(n_groups)
+            order = torch.randperm(len(local), generator=order_gen) if off_policy else torch.arange(len(local))
             for mb in order.chunk(cfg.minibatches):
-                n_train_tokens += minibatch_gradient(model, batch, mb.to(d.device), adv, old_lp, ref_lp,
+                mine = local[mb][local[mb] >= 0]
+                n_train_tokens += minibatch_gradient(model, batch, mine.to(d.device), adv, old_lp, ref_lp,
                                                      cfg, max_new_tokens, d.world_size, tok.pad_id, stats)
                 grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item())
                 if not guard.skip(step + 1, grad_norms[-1]):
@@ -312,25 +330,29 @@ def main():
         step += 1
         t_done = time.time()
 
-        # 4. log
+        # 4. log: sums over the global batch (every rank's rows), so a row does not depend on the split
         G_rewards = task_rewards.view(-1, G)
-        row = {"step": step, "reward": rewards.mean().item(), "accuracy": (task_rewards >= 1).float().mean().item(),
+        sums, maxes = reduce_numbers(
+            {"reward": rewards.sum().item(), "correct": (task_rewards >= 1).sum().item(), "rows": len(rewards),
+             "mixed": (G_rewards.std(dim=1) > 0).sum().item(), "groups": len(G_rewards),
+             "tokens": mask.sum().item(), "finished": batch.finished.sum().item(), "train_tokens": n_train_tokens,
+             **{k: stats.get(k, 0.0) for k in ("entropy", "loss_tokens", "clip_low", "clip_high", "ratio_mean", "kl")}},
+            {"len_max": batch.lengths.max().item() if len(rewards) else 0, "ratio_max": stats.get("ratio_max", 0.0)},
+            d.world_size)
+        lt = max(sums["loss_tokens"], 1)  # tokens through the loss, over all mu passes
+        row = {"step": step, "reward": sums["reward"] / sums["rows"], "accuracy": sums["correct"] / sums["rows"],
                "flat_groups": ds["flat_groups"], "batch_groups": ds["batch_groups"],
-               "sampled_groups": ds["sampled_groups"],
-               "mixed_groups": (G_rewards.std(dim=1) > 0).float().mean().item(),
-               "entropy": sum(stats.pop("entropy")) / (cfg.mu * mask.sum().item()),
-               "clip_low": sum(stats["clip_low"]) / len(stats["clip_low"]),
-               "clip_high": sum(stats["clip_high"]) / len(stats["clip_high"]),
-               "ratio_mean": sum(stats["ratio_mean"]) / len(stats["ratio_mean"]),
-               "ratio_max": max(stats["ratio_max"]),
-               "len_mean": batch.lengths.float().mean().item(), "len_max": int(batch.lengths.max()),
-               "unfinished": 1 - batch.finished.float().mean().item(),
-               "grad_norm": sum(grad_norms) / len(grad_norms),
-               "gen_tokens": int(mask.sum().item()), "sample_tok_s": int(mask.sum().item() / (t_sampled - t0)),
-               "train_tok_s": int(n_train_tokens / (t_done - t_sampled)),
+               "sampled_groups": ds["sampled_groups"], "mixed_groups": sums["mixed"] / sums["groups"],
+               "entropy": sums["entropy"] / lt, "clip_low": sums["clip_low"] / lt,
+               "clip_high": sums["clip_high"] / lt, "ratio_mean": sums["ratio_mean"] / lt,
+               "ratio_max": maxes["ratio_max"], "len_mean": sums["tokens"] / sums["rows"],
+               "len_max": int(maxes["len_max"]), "unfinished": 1 - sums["finished"] / sums["rows"],
+               "grad_norm": sum(grad_norms) / len(grad_norms), "gen_tokens": int(sums["tokens"]),
+               "sample_tok_s": int(sums["tokens"] / (t_sampled - t0)),
+               "train_tok_s": int(sums["train_tokens"] / (t_done - t_sampled)),
                "step_s": t_done - t0, "elapsed": time.time() - t_start}
-        if "kl" in stats:
-            row["kl"] = sum(stats["kl"]) / len(stats["kl"])
+        if cfg.beta > 0 and cfg.kl_mode == "loss":
+            row["kl"] = sums["kl"] / lt
         if d.device.type == "cuda":  # training FLOPs only: 6 N per token (the PaLM formula, no attention)
             row["mfu"] = 6 * model.get_num_params() * n_train_tokens / (t_done - t_sampled) / cfg.peak_flops
         metrics.log(**row)

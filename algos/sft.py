@@ -110,8 +110,11 @@ def main():
     task, knobs = TASKS[cfg.task], task_knobs(cfg)
     tok = CharTokenizer()
     train_knobs = dict(knobs, balanced=cfg.balanced) if cfg.task == "arithmetic" else knobs
-    train = task.dataset(cfg.n_train, "train", seed=cfg.seed, **train_knobs)
-    test = task.dataset(cfg.n_test, "test", seed=cfg.seed + 1, **knobs)  # the task's own distribution
+    try:
+        train = task.dataset(cfg.n_train, "train", seed=cfg.seed, **train_knobs)
+        test = task.dataset(cfg.n_test, "test", seed=cfg.seed + 1, **knobs)  # the task's own distribution
+    except ValueError as e:  # e.g. more distinct problems asked for than the knobs allow
+        raise SystemExit(f"sft: {e}")
     longest_prompt = 1 + max(len(tok.encode(ex["prompt"])) for ex in train + test)
     max_new_tokens = max(len(tok.encode(ex["answer"])) for ex in train + test) + 8  # room to be wrong
 

@@ -280,14 +280,14 @@ def test_dynamic_sampling_keeps_only_mixed_groups():
     import random
     c = grpo.Config(group_size=4, dynamic_sampling=True, max_sampling_rounds=6, temperature=1.0,
                     init="x")
-    batch, st = grpo.sample_batch(model, tok, task, random.Random(0), train, 6, c, 3, seed=1)
+    batch, _, st = grpo.sample_batch(model, tok, task, random.Random(0), train, 6, c, 3, seed=1)
     groups = batch.rewards.view(-1, 4)
     assert st["batch_groups"] == 6 and groups.size(0) == 6
     assert torch.all(groups.std(dim=1) > 0)
     assert st["flat_groups"] > 0 and st["sampled_groups"] > 6
     assert not any(p["prompt"].startswith("1") for p in batch.problems)
     c.dynamic_sampling = False
-    batch, st = grpo.sample_batch(model, tok, task, random.Random(0), train, 6, c, 3, seed=1)
+    batch, _, st = grpo.sample_batch(model, tok, task, random.Random(0), train, 6, c, 3, seed=1)
     assert len(batch.problems) == 24 and st["sampled_groups"] == 6
 
 

@@ -302,6 +302,18 @@ def test_sample_tokens_seeded_and_greedy():
     assert torch.equal(tok, logits.argmax(-1)) and (lp == 0).all()
 
 
+def test_sample_tokens_split_rows_draw_what_the_whole_batch_does():
+    logits = torch.randn(10, 33, generator=torch.Generator().manual_seed(0))
+    whole = sample_tokens(logits, 0.9, torch.Generator().manual_seed(7))
+    parts = [sample_tokens(logits[a:b], 0.9, torch.Generator().manual_seed(7), split=(a, 10))
+             for a, b in ((0, 3), (3, 10))]
+    assert torch.equal(torch.cat([p[0] for p in parts]), whole[0])
+    assert torch.equal(torch.cat([p[1] for p in parts]), whole[1])
+    assert not torch.equal(sample_tokens(logits[3:], 0.9, torch.Generator().manual_seed(7))[0], whole[0][3:])
+    with pytest.raises(ValueError, match="split"):
+        sample_tokens(logits[3:], 0.9, split=(4, 10))
+
+
 # ----------------------------------------------------------------------------------------------
 # the CUDA kernels against the torch twin (runs on a GPU box with kernels_cuda built)
 
@@ -358,3 +370,13 @@ def test_cuda_hidden_logprobs_and_sampling():
     assert chi2_stat(tokens.cpu(), torch.softmax(PEAKED.double(), -1)) > CHI2_DF19_ALPHA_1E3
     ref = torch.log_softmax(PEAKED / 0.7, -1)[tokens.cpu()]
     torch.testing.assert_close(lp.cpu(), ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+def test_cuda_sampling_kernel_split_rows_draw_what_the_whole_batch_does():
+    logits = torch.randn(10, 3001, generator=torch.Generator().manual_seed(0)).cuda()
+    whole = sample_tokens(logits, 0.9, torch.Generator().manual_seed(7))
+    parts = [sample_tokens(logits[a:b], 0.9, torch.Generator().manual_seed(7), split=(a, 10))
+             for a, b in ((0, 3), (3, 10))]
+    assert torch.equal(torch.cat([p[0] for p in parts]), whole[0])
+    assert not torch.equal(sample_tokens(logits[3:], 0.9, torch.Generator().manual_seed(7))[0], whole[0][3:])

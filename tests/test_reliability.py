@@ -116,6 +116,13 @@ def test_bad_checkpoints(name, which, msg, ckpts, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["sft", "grpo", "ppo", "dpo"])
+def test_more_problems_than_the_task_has(name, ckpts, tmp_path):
+    init = [] if name == "sft" else [f"--init={ckpts['good']}"]
+    code, err = run_script(name, *init, "--digits=1", "--n_train=50", "--n_test=100", f"--out_dir={tmp_path / 'run'}")
+    assert code != 0 and "fewer than 100 distinct test problems" in err, err[-2000:]
+
+
+@pytest.mark.parametrize("name", ["sft", "grpo", "ppo", "dpo"])
 def test_resume_without_a_checkpoint(name, tmp_path):
     code, err = run_script(name, f"--resume={tmp_path / 'empty'}", *SMALL[name])
     assert code != 0 and "not found" in err, err[-2000:]
@@ -287,23 +294,66 @@ def test_dpo_killed_twice_resumes_to_the_same_run_and_is_deterministic(tmp_path)
     check_kill_resume_and_determinism("dpo", args, tmp_path, 5, "step_000006", base)
 
 
+def torchrun(name, args, nproc=2):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    env.pop("POSTTRAIN_FAULT", None)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                           os.path.join(ROOT, "algos", f"{name}.py"), *args, "--device=cpu"],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
 def test_sft_under_torchrun_with_two_processes_equals_one(tmp_path):
     """2 gloo ranks, each on half of the same global batch, with each rank's loss weighted by
     its share of the batch's target tokens: the same training as one process up to float
     summation order (gradients summed across ranks instead of within one backward)."""
     one = result(launch("sft", [*SFT_ARGS, f"--out_dir={tmp_path / 'one'}"]))
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    env.pop("POSTTRAIN_FAULT", None)
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        os.path.join(ROOT, "algos", "sft.py"), *SFT_ARGS, f"--out_dir={tmp_path / 'two'}",
-                        "--device=cpu"], capture_output=True, text=True, env=env, timeout=300)
-    two = result(p)
+    two = result(torchrun("sft", [*SFT_ARGS, f"--out_dir={tmp_path / 'two'}"]))
     a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
     assert two["final_accuracy"] == one["final_accuracy"]
     la = [r["loss"] for r in metric_rows(tmp_path / "one") if "loss" in r]
     lb = [r["loss"] for r in metric_rows(tmp_path / "two") if "loss" in r]
     assert len(la) == len(lb) == 20 and max(abs(x - y) for x, y in zip(la, lb)) < 1e-4
+
+
+@pytest.mark.parametrize("extra", [[], ["--dynamic_sampling=True", "--mu=2", "--minibatches=2", "--grad_accum=2",
+                                        "--beta=0.04"]])
+def test_grpo_under_torchrun_with_two_processes_equals_one(tmp_path, extra):
+    """A whole GRPO run on 2 gloo ranks = the same run on one process. Both ranks draw the same
+    prompts and each samples its half of the batch with the noise those rows have in the whole
+    batch; dynamic sampling keeps the same groups and the minibatches are drawn over the global
+    batch. Tolerance: the key bias of attention (c_attn.bias[C:2C]) has a true gradient of
+    exactly 0 (softmax ignores a shift shared by all keys), so its gradient is float rounding
+    that differs with the summation order, and Adam, dividing by sqrt(v), turns it into moves of
+    about lr per optimizer step; every other weight agrees to 1e-6, and the rollouts (rewards, lengths,
+    tokens) and evaluations are the same."""
+    from test_dpo import train_weak_adder  # right on about half the prompts: groups with mixed rewards
+    base = save_checkpoint(str(tmp_path / "base"), "step_0", train_weak_adder(), TOK)
+    args = [f"--init={base}", "--digits=1", "--n_train=50", "--n_test=10", "--prompts_per_step=4",
+            "--group_size=4", "--max_steps=6", "--eval_every=3", *extra]
+    one = result(launch("grpo", [*args, f"--out_dir={tmp_path / 'one'}"]))
+    two = result(torchrun("grpo", [*args, f"--out_dir={tmp_path / 'two'}"]))
+    a, b, start = final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), load_file(
+        os.path.join(base, "model.safetensors"))
+    C = a["transformer.wte.weight"].size(1)
+    optimizer_steps = 6 * (4 if extra else 1)  # mu x minibatches per step
+    for k in a:
+        diff = (a[k] - b[k]).abs()
+        if k.endswith("attn.c_attn.bias"):  # each run's move is at most ~lr (1e-4) per optimizer step
+            assert diff[C:2 * C].max() <= 2 * optimizer_steps * 1e-4
+            diff[C:2 * C] = 0
+        assert diff.max() < 1e-6, k
+    assert any((a[k] - start[k]).abs().max() > 1e-4 for k in a)  # the run did move the weights
+    assert two == one
+    ra, rb = metric_rows(tmp_path / "one"), metric_rows(tmp_path / "two")
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] and len(ra) == 9
+    for x, y in zip(ra, rb):
+        assert x.keys() == y.keys()
+        for k in ("reward", "accuracy", "len_mean", "len_max", "gen_tokens", "flat_groups", "batch_groups",
+                  "sampled_groups", "mixed_groups", "eval_accuracy", "eval_pass@4", "eval_mean_tokens"):
+            assert x.get(k) == y.get(k), (x["step"], k)
+        for k in ("entropy", "grad_norm", "clip_low", "clip_high", "ratio_mean", "ratio_max", "kl"):
+            assert abs(x.get(k, 0) - y.get(k, 0)) < 1e-5, (x["step"], k)
 
 
 def test_ppo_killed_twice_resumes_to_the_same_run_and_is_deterministic(tmp_path):

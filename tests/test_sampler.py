@@ -3,7 +3,7 @@ import torch
 from torch.nn import functional as F
 
 from model import GPT, GPTConfig
-from sampler import KVCache, generate, filter_logits
+from sampler import KVCache, filter_logits, generate, sample_next
 
 V = 29
 
@@ -101,6 +101,36 @@ def test_same_seed_same_output_and_different_seed_differs():
     c = generate(m, RAGGED, 12, seed=8)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
     assert not torch.equal(a.tokens, c.tokens)
+
+
+def test_sample_next_is_torch_multinomial_bit_for_bit():
+    """The exponential race sample_next writes out is what torch.multinomial(p, 1) computes: the
+    same tokens for the same generator state (so a split batch samples what multinomial would)."""
+    logits = torch.randn(64, 29, generator=torch.Generator().manual_seed(0)) * 3
+    for kw in (dict(temperature=0.8), dict(temperature=1.0, top_k=5), dict(temperature=1.3, top_p=0.7)):
+        tok, lp = sample_next(logits, generator=torch.Generator().manual_seed(3), **kw)
+        p = F.log_softmax(filter_logits(logits, kw["temperature"], kw.get("top_k"), kw.get("top_p")), -1).exp()
+        ref = torch.multinomial(p, 1, generator=torch.Generator().manual_seed(3))[:, 0]
+        assert torch.equal(tok, ref)
+        assert torch.allclose(lp, p.log().gather(-1, tok[:, None])[:, 0], atol=1e-6)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_split_batch_samples_what_the_whole_batch_does(use_cache):
+    """Rows 0..5 and 6..11 of a 12-row batch (4 ragged prompts x 3 samples), each generated with
+    split = (first row, 12) and the same seed, equal the rows of one call over the whole batch;
+    without split the second half would draw the first half's noise."""
+    m = tiny("learned", std=0.3)
+    kw = dict(temperature=1.0, seed=5, stop_tokens=[0, 1], num_samples=3, use_cache=use_cache)
+    whole = generate(m, RAGGED, 12, **kw)
+    halves = [generate(m, RAGGED[:2], 12, split=(0, 12), **kw), generate(m, RAGGED[2:], 12, split=(6, 12), **kw)]
+    assert torch.equal(torch.cat([h.tokens for h in halves]), whole.tokens)
+    assert torch.equal(torch.cat([h.lengths for h in halves]), whole.lengths)
+    assert torch.allclose(torch.cat([h.logprobs for h in halves]), whole.logprobs, atol=1e-6)
+    unsplit = generate(m, RAGGED[2:], 12, **kw)
+    assert not torch.equal(unsplit.tokens, whole.tokens[6:])
+    with pytest.raises(ValueError, match="split"):
+        generate(m, RAGGED[2:], 12, split=(8, 12), **kw)
 
 
 def chi2(counts, probs):

@@ -4,10 +4,13 @@ generator takes a random.Random and knobs, and returns (words, target_positions)
 words[:-1] and is scored on predicting words[t] for t in target_positions. The in-distribution
 (ID) and out-of-distribution (OOD) settings differ only in knobs (`SETTINGS`).
 
-- counting (after the released setup): `a=0 b=0 c=0`, then a shuffled mix of `pass` and `v++`
-  statements, then `print v =` and v's value. Each variable's value is drawn first (0..max_value),
-  the rest of the program is `pass`: OOD programs are 3x longer with the same values, so the
-  increments are sparser. Counting occurrences of a chosen token is what CoPE's gates can do.
+- counting (after the released setup): `a=0 b=0 c=0`, then a shuffled mix of `pass`, `v++` and
+  (up to `resets` times per variable) `v=0` statements, then `print v =` and v's value: the
+  increments of v since its last reset. Each variable's statements are drawn first (increments
+  before each reset, 0..max_value, and its final value, 0..max_value), the rest of the program
+  is `pass`: OOD programs are 3x longer with the same statements, so they are sparser. Counting
+  the `v++` after the last `v=0`, whatever lies between, is what CoPE's gates can do: gate on
+  the resets, and every token since the last one has contextual position 0.
 - flipflop (Flip-Flop language modelling, Liu et al. 2023): pairs `w b` (write bit b), `i b`
   (ignore), `r b` (read: b must be the last written bit); targets are the bits after `r`.
   ID: p(ignore) = 0.8; OOD: sparse, p(ignore) = 0.98 (reads far from the last write).
@@ -21,15 +24,26 @@ WORDS = ([f"{v}=0" for v in VARS] + [f"{v}++" for v in VARS] + VARS + ["pass", "
          + [str(i) for i in range(11)] + ["w", "i", "r"] + LETTERS + ["_"])
 
 
-def counting(rng, n_vars=3, max_value=6, min_len=24, max_len=32):
-    if not 1 <= n_vars <= len(VARS) or not 0 <= max_value <= 10 or min_len < n_vars * max_value:
-        raise ValueError(f"counting: need 1 <= n_vars <= {len(VARS)}, 0 <= max_value <= 10 and "
-                         f"min_len >= n_vars * max_value, got {n_vars}, {max_value}, {min_len}")
+def counting(rng, n_vars=3, max_value=5, min_len=36, max_len=44, resets=1):
+    longest = n_vars * ((resets + 1) * max_value + resets)  # statements that are not `pass`, at most
+    if not 1 <= n_vars <= len(VARS) or not 0 <= max_value <= 10 or resets < 0 or min_len < longest:
+        raise ValueError(f"counting: need 1 <= n_vars <= {len(VARS)}, 0 <= max_value <= 10, resets >= 0 and "
+                         f"min_len >= n_vars * ((resets + 1) * max_value + resets) = {longest}, got "
+                         f"{n_vars}, {max_value}, {resets}, {min_len}")
     names = VARS[:n_vars]
-    values = {v: rng.randint(0, max_value) for v in names}
-    body = [f"{v}++" for v in names for _ in range(values[v])]
-    body += ["pass"] * (rng.randint(min_len, max_len) - len(body))
-    rng.shuffle(body)
+    values, queues = {}, {}
+    for v in names:  # each variable's statements in order: [increments, reset] x 0..resets, increments
+        statements = []
+        for _ in range(rng.randint(0, resets)):
+            statements += [f"{v}++"] * rng.randint(0, max_value) + [f"{v}=0"]
+        values[v] = rng.randint(0, max_value)
+        queues[v] = statements + [f"{v}++"] * values[v]
+    order = [v for v in names for _ in queues[v]]
+    rng.shuffle(order)  # interleave the variables, each keeping its own order
+    events = iter([queues[v].pop(0) for v in order])
+    n = rng.randint(min_len, max_len)
+    slots = set(rng.sample(range(n), len(order)))
+    body = [next(events) if t in slots else "pass" for t in range(n)]
     q = rng.choice(names)
     words = [f"{v}=0" for v in names] + body + ["print", q, "=", str(values[q])]
     return words, [len(words) - 1]
@@ -67,7 +81,7 @@ def selective_copy(rng, n_data=4, n_blank=12):
 
 TASKS = {"counting": counting, "flipflop": flipflop, "selective_copy": selective_copy}
 SETTINGS = {
-    "counting": {"id": dict(min_len=24, max_len=32), "ood": dict(min_len=72, max_len=96)},
+    "counting": {"id": dict(min_len=36, max_len=44), "ood": dict(min_len=108, max_len=132)},
     "flipflop": {"id": dict(p_ignore=0.8), "ood": dict(p_ignore=0.98)},
     "selective_copy": {"id": dict(n_blank=12), "ood": dict(n_blank=36)},
 }
@@ -76,8 +90,10 @@ SETTINGS = {
 def check(task, words, targets):
     """Recompute the targets from the rest of the sequence: True if they are right (tests use it)."""
     if task == "counting":
-        q = words[-3]
-        return words[-1] == str(words.count(f"{q}++")) and targets == [len(words) - 1]
+        q, value = words[-3], 0
+        for w in words[:-4]:
+            value = 0 if w == f"{q}=0" else value + (w == f"{q}++")
+        return words[-1] == str(value) and targets == [len(words) - 1]
     if task == "flipflop":
         last = None
         for t in range(0, len(words), 2):

@@ -43,6 +43,19 @@ def test_generators_are_right_seeded_and_ood_differs_as_documented(task):
             assert {len(t) for _, t in seqs["ood"]} == {len(t) for _, t in seqs["id"]} == {4}
 
 
+def test_counting_counts_since_the_last_reset():
+    words = ["a=0", "b=0", "a++", "a++", "b++", "a=0", "pass", "a++", "b++", "print", "a", "=", "1"]
+    assert cope_tasks.check("counting", words, [12])
+    assert not cope_tasks.check("counting", words[:-1] + ["3"], [12])  # all of a's increments
+    assert cope_tasks.check("counting", words[:-3] + ["b", "=", "2"], [12])
+    # the generator's programs do reset mid-program, so counting every v++ is often wrong
+    rng = random.Random(0)
+    seqs = [cope_tasks.counting(rng) for _ in range(500)]
+    count_all = sum(w[-1] == str(w.count(f"{w[-3]}++")) for w, _ in seqs) / len(seqs)
+    assert 0.4 < count_all < 0.75
+    assert sum(w.count("a=0") > 1 for w, _ in seqs) > 100
+
+
 def test_check_rejects_wrong_targets():
     words, targets = cope_tasks.counting(random.Random(3))
     bad = words[:-1] + [str((int(words[-1]) + 1) % 11)]
@@ -88,7 +101,7 @@ def test_config_rejects_bad_values(kw, msg):
 
 def test_smoke_run_prints_the_table_and_result(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT}
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "algos", "cope.py"), "--steps=3", "--n_eval=5",
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "algos", "cope.py"), "--steps=3", "--counting_steps=3", "--n_eval=5",
                         "--n_embd=16", "--n_head=2", "--n_layer=1", f"--out_dir={tmp_path / 'run'}", "--device=cpu"],
                        capture_output=True, text=True, env=env, timeout=300)
     lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
@@ -97,4 +110,5 @@ def test_smoke_run_prints_the_table_and_result(tmp_path):
     for task in cope_tasks.TASKS:
         assert set(res["ood_error"][task]) == {"learned", "rope", "none", "cope"}
         assert all(0 <= e <= 1 for e in res["ood_error"][task].values())
+    assert res["steps"] == {task: 3 for task in cope_tasks.TASKS}
     assert "| counting |" in p.stdout

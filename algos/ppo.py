@@ -24,7 +24,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from data import TASKS, task_knobs
@@ -32,8 +31,8 @@ from data.tokenizers import CharTokenizer
 from plumbing import (Metrics, StepGuard, autocast, cli_config, load_state, print_result, resolve_checkpoint,
                       rng_state, save_checkpoint, seed_everything, set_rng_state, setup_distributed,
                       teardown_distributed)
-from rl import (all_reduce_, clipped_policy_loss, evaluate_policy, record_eval, reference_policy, run_result,
-                start_run, token_weights)
+from rl import (all_reduce_, clipped_policy_loss, evaluate_policy, record_eval, reduce_numbers, reference_policy,
+                run_result, start_run, token_weights)
 from sampler import completion_logprobs, rollout
 
 
@@ -127,13 +126,16 @@ def gae(rewards, values, mask, gamma, lam):
     return adv, (adv + values) * mask
 
 
-def masked_whiten(x, mask, eps=1e-8):
+def masked_whiten(x, mask, eps=1e-8, world_size=1):
     """(x - mean) / (std + eps) with mean and std over the positions where mask is 1 (the
-    population std); 0 elsewhere, so padding neither counts nor changes."""
-    n = mask.sum()
-    mean = (x * mask).sum() / n
-    var = (((x - mean) * mask) ** 2).sum() / n
-    return (x - mean) / (var.sqrt() + eps) * mask
+    population std); 0 elsewhere, so padding neither counts nor changes. Under torchrun the sums
+    run over every rank's batch, so the whitening is that of the global batch."""
+    sums = torch.stack([mask.sum(), (x * mask).sum()])
+    all_reduce_(sums, world_size)
+    n, mean = sums[0], sums[1] / sums[0]
+    var = (((x - mean) * mask) ** 2).sum()
+    all_reduce_([var], world_size)
+    return (x - mean) / ((var / n).sqrt() + eps) * mask
 
 
 def value_loss(values, old_values, returns, weights, eps_v):
@@ -144,7 +146,8 @@ def value_loss(values, old_values, returns, weights, eps_v):
     plain, clip = (values - returns) ** 2, (clipped - returns) ** 2
     loss = 0.5 * (weights * torch.maximum(plain, clip)).sum()
     live = weights > 0
-    frac = ((clip > plain) & live).sum() / live.sum().clamp(min=1)
+    clipped_won = (clip > plain) & ((values - old_values).abs() > eps_v)  # not a rounding tie inside the range
+    frac = (clipped_won & live).sum() / live.sum().clamp(min=1)
     return loss, frac.item()
 
 
@@ -185,7 +188,7 @@ def main():
     d = setup_distributed(cfg.device or None)
     seed_everything(cfg.seed + d.rank)
     tok = CharTokenizer()
-    task, train, test, max_new_tokens, n_prompts, run_dir, model = start_run(cfg, "ppo", d, tok, cfg.prompts_per_step)
+    task, train, test, max_new_tokens, _, run_dir, model = start_run(cfg, "ppo", d, tok, cfg.prompts_per_step)
     knobs = task_knobs(cfg)
     ckpt_dir = os.path.join(run_dir, "ckpt")
     n = cfg.samples_per_prompt
@@ -195,7 +198,7 @@ def main():
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type=d.device.type)
     critic_params = list(head.parameters()) + ([] if critic is model else list(critic.parameters()))
     critic_opt = torch.optim.AdamW(critic_params, lr=cfg.critic_lr, betas=(0.9, 0.95), weight_decay=0.0)
-    problems_rng = random.Random(cfg.seed * 1000 + d.rank)
+    problems_rng = random.Random(cfg.seed * 1000)  # the same on every rank: they draw one global batch
     step, beta = 0, cfg.beta
     state = {"best": {"accuracy": -1.0, "step": None}, "base": None,
              "ref": None if cfg.resume else resolve_checkpoint(cfg.init)}
@@ -207,7 +210,7 @@ def main():
         if critic is not model:
             critic.load_state_dict(saved["critic"])
         step, state, beta = saved["step"], saved["state"], saved["beta"]
-        problems_rng.setstate(saved["problems_rng"][d.rank])
+        problems_rng.setstate(saved["problems_rng"])
         set_rng_state(saved["rng"])
     ref = reference_policy(cfg, state, model, d.device)  # the KL reward needs pi_ref
     metrics = Metrics(run_dir, d.master, resume_step=step if cfg.resume else None)
@@ -220,10 +223,6 @@ def main():
 
     def evaluate_and_save(step):
         """Greedy accuracy and pass@n on the held-out prompts, a checkpoint (rank 0 writes)."""
-        rngs = [problems_rng.getstate()]
-        if d.world_size > 1:
-            rngs = [None] * d.world_size
-            dist.all_gather_object(rngs, problems_rng.getstate())
         res = None
         if d.master:
             res = evaluate_policy(model, tok, test, task, max_new_tokens, n, cfg.temperature, cfg.seed + 7)
@@ -231,7 +230,8 @@ def main():
             extra = {"critic_opt": critic_opt.state_dict(), "head": head.state_dict(), "beta": beta,
                      "critic": None if critic is model else critic.state_dict()}
             save_checkpoint(ckpt_dir, f"step_{step:06d}", model, tok, optimizer,
-                            {"step": step, "state": state, "rng": rng_state(), "problems_rng": rngs, **extra})
+                            {"step": step, "state": state, "rng": rng_state(),
+                             "problems_rng": problems_rng.getstate(), **extra})
         return res
 
     def forward(net, batch, rows, with_values):
@@ -252,9 +252,13 @@ def main():
     while step < cfg.max_steps:
         t0 = time.time()
         # 1. sample and score
-        step_seed = (cfg.seed * 1_000_003 + step) * d.world_size + d.rank
-        batch = rollout(model, tok, problems_rng.choices(train, k=n_prompts), task.reward, n,
-                        max_new_tokens, temperature=cfg.temperature, seed=step_seed * 100)
+        # every rank draws the global batch of prompts and samples its contiguous share, each row
+        # with the noise it has in the whole batch: N processes sample what one process would
+        step_seed = cfg.seed * 1_000_003 + step
+        P = cfg.prompts_per_step
+        lo, hi = P * d.rank // d.world_size, P * (d.rank + 1) // d.world_size
+        batch = rollout(model, tok, problems_rng.choices(train, k=P)[lo:hi], task.reward, n, max_new_tokens,
+                        temperature=cfg.temperature, seed=step_seed * 100, split=(lo * n, P * n))
         t_sampled = time.time()
         mask = batch.mask()
         B = mask.size(0)
@@ -271,35 +275,45 @@ def main():
             last_tok = (batch.lengths - 1).clamp(min=0)
             rewards[every, last_tok] += batch.rewards
             adv, returns = gae(rewards, old_values * mask, mask, cfg.gamma, cfg.lam)
-            adv_used = masked_whiten(adv, mask) if cfg.whiten else adv
+            adv_used = masked_whiten(adv, mask, world_size=d.world_size) if cfg.whiten else adv
             ev = explained_variance(old_values, returns, mask)
 
-        # 3. ppo_epochs x minibatches of whole groups
-        n_groups = B // n
+        # 3. ppo_epochs x minibatches of whole groups, drawn over the global batch (this rank holds
+        # groups lo..hi-1 of it), so they do not depend on how it is split
         order_gen = torch.Generator().manual_seed(step_seed)
         stats, grad_norms, n_tokens = {}, [], 0
         warmup = step < cfg.critic_warmup_steps
         for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(n_groups, generator=order_gen)
+            order = torch.randperm(P, generator=order_gen)
             for groups in order.chunk(cfg.minibatches):
+                groups = groups[(groups >= lo) & (groups < hi)] - lo  # possibly none on this rank
                 rows = (groups[:, None] * n + torch.arange(n)).flatten().to(d.device)
                 counts = torch.stack([torch.tensor(float(len(rows)), device=d.device), mask[rows].sum()])
                 all_reduce_(counts, d.world_size)
-                w = token_weights(mask[rows], "token-mean", max_new_tokens, counts[0], counts[1])
-                lp, ent, values = forward(model, batch, rows, critic is model)
-                if critic is not model:
-                    values = forward(critic, batch, rows, True)[2]
-                pg_loss, s = clipped_policy_loss(lp, old_lp[rows], None, adv_used[rows], w, cfg)
-                v_loss, s["value_clip"] = value_loss(values, old_values[rows], returns[rows], w, cfg.eps_v)
-                loss = cfg.vf_coef * v_loss + (0 if warmup else pg_loss)
-                loss.backward()
-                with torch.no_grad():  # approx KL(old || new) = E[(ratio - 1) - log ratio]
-                    log_ratio = (lp - old_lp[rows]) * mask[rows]
-                    s["approx_kl"] = ((log_ratio.exp() - 1 - log_ratio) * w).sum().item()
-                s.update(policy_loss=pg_loss.item(), value_loss=v_loss.item(),
-                         entropy=(ent.detach() * w).sum().item())
-                for k, v in s.items():
-                    stats.setdefault(k, []).append(v)
+                loss = counts.new_tensor(0.0)
+                if len(rows):
+                    w = token_weights(mask[rows], "token-mean", max_new_tokens, counts[0], counts[1])
+                    lp, ent, values = forward(model, batch, rows, critic is model)
+                    if critic is not model:
+                        values = forward(critic, batch, rows, True)[2]
+                    pg_loss, s = clipped_policy_loss(lp, old_lp[rows], None, adv_used[rows], w, cfg)
+                    v_loss, s["value_clip"] = value_loss(values, old_values[rows], returns[rows], w, cfg.eps_v)
+                    loss = cfg.vf_coef * v_loss + (0 if warmup else pg_loss)
+                    loss.backward()
+                    with torch.no_grad():  # approx KL(old || new) = E[(ratio - 1) - log ratio]
+                        log_ratio = (lp - old_lp[rows]) * mask[rows]
+                        s["approx_kl"] = ((log_ratio.exp() - 1 - log_ratio) * w).sum().item()
+                    # w holds the global normaliser: these four sum over ranks to the global numbers;
+                    # the fractions are weighted by this rank's tokens, then summed and divided
+                    live = mask[rows].sum().item()
+                    s = {k: v * live for k, v in s.items() if k not in ("approx_kl", "ratio_max")} | {
+                        "approx_kl": s["approx_kl"], "ratio_max": s["ratio_max"], "policy_loss": pg_loss.item(),
+                        "value_loss": v_loss.item(), "entropy": (ent.detach() * w).sum().item()}
+                    for k, v in s.items():
+                        stats[k] = max(stats.get(k, v), v) if k == "ratio_max" else stats.get(k, 0.0) + v
+                if d.world_size > 1:  # the same gradient tensors on every rank, zeros where none came
+                    for p in trained:
+                        p.grad = torch.zeros_like(p) if p.grad is None else p.grad
                 all_reduce_([p.grad for p in trained if p.grad is not None], d.world_size)
                 grad_norms.append(torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip).item())
                 if not guard.skip(step + 1, grad_norms[-1], loss):
@@ -311,29 +325,36 @@ def main():
                 n_tokens += sum(len(batch.prompts[i]) for i in rows.tolist()[::n]) + int(batch.lengths[rows].sum())
         step += 1
         t_done = time.time()
-        seq_kl = kl.sum(1).mean().item()
-        if cfg.target_kl > 0:
-            beta = adapt_beta(beta, seq_kl, cfg.target_kl, B, cfg.kl_horizon)
-
-        # 4. log
-        mean = {k: sum(v) / len(v) for k, v in stats.items()}
+        # 4. log: sums over the global batch (every rank's rows), so a row does not depend on the split
         live = mask.bool()
-        row = {"step": step, "reward": batch.rewards.mean().item(),
-               "accuracy": (batch.rewards >= 1).float().mean().item(),
-               "policy_loss": mean["policy_loss"], "value_loss": mean["value_loss"],
-               "explained_variance": ev, "approx_kl": mean["approx_kl"], "kl": seq_kl, "beta": beta,
-               "mixed_groups": (batch.rewards.view(-1, n).std(dim=1) > 0).float().mean().item(),
-               "clip_frac": mean["clip_low"] + mean["clip_high"], "clip_low": mean["clip_low"],
-               "clip_high": mean["clip_high"], "value_clip_frac": mean["value_clip"],
-               "ratio_mean": mean["ratio_mean"], "ratio_max": max(stats["ratio_max"]),
-               "entropy": mean["entropy"], "returns_mean": returns[live].mean().item(),
+        sums, maxes = reduce_numbers(
+            {"reward": batch.rewards.sum().item(), "correct": (batch.rewards >= 1).sum().item(), "rows": B,
+             "mixed": (batch.rewards.view(-1, n).std(dim=1) > 0).sum().item(), "groups": B // n,
+             "tokens": mask.sum().item(), "finished": batch.finished.sum().item(), "train_tokens": n_tokens,
+             "kl": kl.sum().item(), **{k: stats.get(k, 0.0) for k in (
+                 "policy_loss", "value_loss", "approx_kl", "entropy", "clip_low", "clip_high", "ratio_mean",
+                 "value_clip")}},
+            {"len_max": batch.lengths.max().item() if B else 0, "ratio_max": stats.get("ratio_max", 0.0)},
+            d.world_size)
+        seq_kl = sums["kl"] / sums["rows"]
+        if cfg.target_kl > 0:
+            beta = adapt_beta(beta, seq_kl, cfg.target_kl, sums["rows"], cfg.kl_horizon)
+        updates, lt = cfg.ppo_epochs * cfg.minibatches, cfg.ppo_epochs * max(sums["tokens"], 1)
+        row = {"step": step, "reward": sums["reward"] / sums["rows"], "accuracy": sums["correct"] / sums["rows"],
+               "policy_loss": sums["policy_loss"] / updates, "value_loss": sums["value_loss"] / updates,
+               "explained_variance": ev, "approx_kl": sums["approx_kl"] / updates, "kl": seq_kl, "beta": beta,
+               "mixed_groups": sums["mixed"] / sums["groups"],
+               "clip_frac": (sums["clip_low"] + sums["clip_high"]) / lt, "clip_low": sums["clip_low"] / lt,
+               "clip_high": sums["clip_high"] / lt, "value_clip_frac": sums["value_clip"] / lt,
+               "ratio_mean": sums["ratio_mean"] / lt, "ratio_max": maxes["ratio_max"],
+               "entropy": sums["entropy"] / updates, "returns_mean": returns[live].mean().item(),
                "returns_std": returns[live].std().item(), "adv_mean": adv[live].mean().item(),
                "adv_std": adv[live].std().item(), "values_mean": old_values[live].mean().item(),
-               "len_mean": batch.lengths.float().mean().item(), "len_max": int(batch.lengths.max()),
-               "unfinished": 1 - batch.finished.float().mean().item(),
-               "grad_norm": sum(grad_norms) / len(grad_norms),
-               "gen_tokens": int(mask.sum().item()), "sample_tok_s": int(mask.sum().item() / (t_sampled - t0)),
-               "train_tok_s": int(n_tokens / (t_done - t_sampled)),
+               "len_mean": sums["tokens"] / sums["rows"], "len_max": int(maxes["len_max"]),
+               "unfinished": 1 - sums["finished"] / sums["rows"],
+               "grad_norm": sum(grad_norms) / len(grad_norms), "gen_tokens": int(sums["tokens"]),
+               "sample_tok_s": int(sums["tokens"] / (t_sampled - t0)),
+               "train_tok_s": int(sums["train_tokens"] / (t_done - t_sampled)),
                "step_s": t_done - t0, "elapsed": time.time() - t_start}
         metrics.log(**row)
         bar.update(1)

@@ -316,30 +316,24 @@ def test_sft_under_torchrun_with_two_processes_equals_one(tmp_path):
     assert len(la) == len(lb) == 20 and max(abs(x - y) for x, y in zip(la, lb)) < 1e-4
 
 
-@pytest.mark.parametrize("extra", [[], ["--dynamic_sampling=True", "--mu=2", "--minibatches=2", "--grad_accum=2",
-                                        "--beta=0.04"]])
-def test_grpo_under_torchrun_with_two_processes_equals_one(tmp_path, extra):
-    """A whole GRPO run on 2 gloo ranks = the same run on one process. Both ranks draw the same
-    prompts and each samples its half of the batch with the noise those rows have in the whole
-    batch; dynamic sampling keeps the same groups and the minibatches are drawn over the global
-    batch. Tolerance: the key bias of attention (c_attn.bias[C:2C]) has a true gradient of
-    exactly 0 (softmax ignores a shift shared by all keys), so its gradient is float rounding
-    that differs with the summation order, and Adam, dividing by sqrt(v), turns it into moves of
-    about lr per optimizer step; every other weight agrees to 1e-6, and the rollouts (rewards, lengths,
-    tokens) and evaluations are the same."""
+def check_torchrun_equals_one(name, args, tmp_path, optimizer_steps, same, close):
+    """The run on 2 gloo processes vs 1 (from a weak adder, lr 1e-4): the same RESULT, the metrics
+    keys `same` equal in every row and `close` within 1e-5, and every weight within 1e-6 but
+    one: the key bias of attention (c_attn.bias[C:2C]) has a true gradient of exactly 0 (softmax
+    ignores a shift shared by all keys), so its gradient is float rounding that differs with the
+    summation order, and Adam, dividing by sqrt(v), turns it into moves of about lr per
+    optimizer step; it is held to 2 x lr x optimizer_steps."""
     from test_dpo import train_weak_adder  # right on about half the prompts: groups with mixed rewards
     base = save_checkpoint(str(tmp_path / "base"), "step_0", train_weak_adder(), TOK)
-    args = [f"--init={base}", "--digits=1", "--n_train=50", "--n_test=10", "--prompts_per_step=4",
-            "--group_size=4", "--max_steps=6", "--eval_every=3", *extra]
-    one = result(launch("grpo", [*args, f"--out_dir={tmp_path / 'one'}"]))
-    two = result(torchrun("grpo", [*args, f"--out_dir={tmp_path / 'two'}"]))
-    a, b, start = final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), load_file(
-        os.path.join(base, "model.safetensors"))
+    args = [f"--init={base}", *args]
+    one = result(launch(name, [*args, f"--out_dir={tmp_path / 'one'}"]))
+    two = result(torchrun(name, [*args, f"--out_dir={tmp_path / 'two'}"]))
+    a, b = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    start = load_file(os.path.join(base, "model.safetensors"))
     C = a["transformer.wte.weight"].size(1)
-    optimizer_steps = 6 * (4 if extra else 1)  # mu x minibatches per step
     for k in a:
         diff = (a[k] - b[k]).abs()
-        if k.endswith("attn.c_attn.bias"):  # each run's move is at most ~lr (1e-4) per optimizer step
+        if k.endswith("attn.c_attn.bias"):
             assert diff[C:2 * C].max() <= 2 * optimizer_steps * 1e-4
             diff[C:2 * C] = 0
         assert diff.max() < 1e-6, k
@@ -349,11 +343,37 @@ def test_grpo_under_torchrun_with_two_processes_equals_one(tmp_path, extra):
     assert [r["step"] for r in ra] == [r["step"] for r in rb] and len(ra) == 9
     for x, y in zip(ra, rb):
         assert x.keys() == y.keys()
-        for k in ("reward", "accuracy", "len_mean", "len_max", "gen_tokens", "flat_groups", "batch_groups",
-                  "sampled_groups", "mixed_groups", "eval_accuracy", "eval_pass@4", "eval_mean_tokens"):
+        for k in same:
             assert x.get(k) == y.get(k), (x["step"], k)
-        for k in ("entropy", "grad_norm", "clip_low", "clip_high", "ratio_mean", "ratio_max", "kl"):
+        for k in close:
             assert abs(x.get(k, 0) - y.get(k, 0)) < 1e-5, (x["step"], k)
+
+
+SAME = ("reward", "accuracy", "len_mean", "len_max", "gen_tokens", "mixed_groups", "eval_accuracy", "eval_pass@4",
+        "eval_mean_tokens")
+SMALL_RUN = ["--digits=1", "--n_train=50", "--n_test=10", "--prompts_per_step=4", "--max_steps=6", "--eval_every=3"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--dynamic_sampling=True", "--mu=2", "--minibatches=2", "--grad_accum=2",
+                                        "--beta=0.04"]])
+def test_grpo_under_torchrun_with_two_processes_equals_one(tmp_path, extra):
+    """A whole GRPO run on 2 gloo ranks = the same run on one process. Both ranks draw the same
+    prompts and each samples its half of the batch with the noise those rows have in the whole
+    batch; dynamic sampling keeps the same groups and the minibatches are drawn over the global
+    batch."""
+    check_torchrun_equals_one("grpo", [*SMALL_RUN, "--group_size=4", *extra], tmp_path, 6 * (4 if extra else 1),
+                              SAME + ("flat_groups", "batch_groups", "sampled_groups"),
+                              ("entropy", "grad_norm", "clip_low", "clip_high", "ratio_mean", "ratio_max", "kl"))
+
+
+def test_ppo_under_torchrun_with_two_processes_equals_one(tmp_path):
+    """PPO the same way, with a separate critic, the adaptive KL coefficient (fed the global KL)
+    and advantages whitened over the global batch; 2 epochs x 2 minibatches drawn over it (a
+    rank may hold none of a minibatch's groups)."""
+    check_torchrun_equals_one("ppo", [*SMALL_RUN, "--samples_per_prompt=4", "--ppo_epochs=2", "--minibatches=2",
+                                      "--critic=separate", "--target_kl=0.01"], tmp_path, 6 * 4, SAME,
+                              ("grad_norm", "policy_loss", "value_loss", "approx_kl", "kl", "beta", "entropy",
+                               "clip_frac", "value_clip_frac", "ratio_mean", "ratio_max"))
 
 
 def test_ppo_killed_twice_resumes_to_the_same_run_and_is_deterministic(tmp_path):

@@ -249,7 +249,8 @@ def main():
         saved = load_state(run_dir)
         optimizer.load_state_dict(saved["optimizer"])
         step, state = saved["step"], saved["state"]
-        problems_rng.setstate(saved["problems_rng"])
+        rngs = saved["problems_rng"]  # a list (one per rank) in runs saved before ranks shared one
+        problems_rng.setstate(rngs[0] if isinstance(rngs, list) else rngs)
         set_rng_state(saved["rng"])
     # the frozen initial policy; with beta = 0 there is no reference at all
     ref = reference_policy(cfg, state, model, d.device) if cfg.beta > 0 else None

@@ -210,7 +210,8 @@ def main():
         if critic is not model:
             critic.load_state_dict(saved["critic"])
         step, state, beta = saved["step"], saved["state"], saved["beta"]
-        problems_rng.setstate(saved["problems_rng"])
+        rngs = saved["problems_rng"]  # a list (one per rank) in runs saved before ranks shared one
+        problems_rng.setstate(rngs[0] if isinstance(rngs, list) else rngs)
         set_rng_state(saved["rng"])
     ref = reference_policy(cfg, state, model, d.device)  # the KL reward needs pi_ref
     metrics = Metrics(run_dir, d.master, resume_step=step if cfg.resume else None)

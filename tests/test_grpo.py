@@ -420,9 +420,11 @@ def test_two_ranks_give_the_one_process_gradient(tmp_path, agg):
     assert sum(p.grad.abs().sum() for p in model.parameters()) > 0
 
 
-def test_grpo_resume_continues_where_it_stopped(tmp_path):
+@pytest.mark.parametrize("old_format", [False, True])
+def test_grpo_resume_continues_where_it_stopped(tmp_path, old_format):
     """Stop after step 2 (a checkpoint), resume to step 4: the same weights and held-out numbers
-    as 4 steps in one go. Sampling seeds derive from the step, and the prompt RNG is saved."""
+    as 4 steps in one go. Sampling seeds derive from the step, and the prompt RNG is saved (in
+    runs saved before the ranks shared one prompt RNG, as a list with one state per rank)."""
     from safetensors.torch import load_file
     # a model that often says EOS early, rewarded by length (the soft overlong penalty): the
     # rewards differ within groups, so the weights move (a plain random model earns 0 everywhere)
@@ -431,6 +433,11 @@ def test_grpo_resume_continues_where_it_stopped(tmp_path):
     assert straight.returncode == 0, straight.stderr[-2000:]
     first = run_grpo(tmp_path / "b", "--max_steps=2", *shaped, model=eos_prone_model())
     assert first.returncode == 0, first.stderr[-2000:]
+    if old_format:
+        path = tmp_path / "b" / "run" / "ckpt" / "step_000002" / "state.pt"
+        state = torch.load(path, weights_only=False)
+        state["problems_rng"] = [state["problems_rng"]]
+        torch.save(state, path)
     env = {**os.environ, "PYTHONPATH": ROOT}
     resumed = subprocess.run([sys.executable, os.path.join(ROOT, "algos", "grpo.py"),
                               f"--resume={tmp_path / 'b' / 'run'}", "--digits=1", "--n_train=50",

@@ -11,17 +11,22 @@ next input embedding (no projection, no token in between):
     question <bot> [h_1] [h_2] ... [h_k] <eot> remaining steps ### answer <eos>
 
 where h_1 is the final hidden state at <bot> and h_{i+1} the one at h_i. Training follows the
-paper's curriculum: stage 0 is the language chain (with <bot><eot>); stage s replaces the first s
-steps of the chain by s * c thoughts (all of them once s reaches the chain's length; the thoughts
-are padded to s * c, as the paper does for ProsQA), up to max_stage; the loss is on the language
-tokens after <eot> only. k thoughts need k + 1 forward passes, each reusing the keys and values of
-the ones before (TrainCache), and gradients flow back through every thought. Generation runs
+paper's curriculum: stage 0 is the language chain; stage s replaces the first s steps of the
+chain by s * c thoughts (all of them once s reaches the chain's length; the thoughts are padded
+to s * c, as the paper does for ProsQA), up to max_stage; the loss is on the language tokens
+after <eot> only. k thoughts need k + 1 forward passes, each reusing the keys and values of the
+ones before (TrainCache), and gradients flow back through every thought. Generation runs
 max_stage * c thoughts, then <eot>, then greedy decoding, batched with sampler.py's KV cache.
 
-no-CoT trains on "### answer", CoT on "steps ### answer", both as plain next-token SFT, for the
-same number of optimizer steps as Coconut's whole curriculum. Ends with `RESULT {json}`
-(nocot_accuracy, cot_accuracy, coconut_accuracy, cot_tokens, coconut_tokens).
+Stage 0 lasts cot_steps and is the CoT model's own training: Coconut's stages start from the CoT
+run's weights, optimizer and data order at that step (the released code starts Coconut from a
+CoT checkpoint for GSM8K); the stage-0 sequences carry no <bot><eot>. The CoT model goes on with
+the chain for the max_stage * stage_steps steps Coconut spends on its latent stages, so every
+mode gets cot_steps + max_stage * stage_steps optimizer steps from the same init; no-CoT trains
+on "### answer" for as many. Ends with `RESULT {json}` (nocot_accuracy, cot_accuracy,
+coconut_accuracy, cot_tokens, coconut_tokens).
 """
+import copy
 import math
 import os
 import random
@@ -43,25 +48,28 @@ from sft import make_batch
 
 @dataclass
 class Config:
-    # task (data/prosqa.py)
-    n_nodes: int = 12
+    # task (data/prosqa.py): much smaller graphs than the paper's (23 nodes, 3.8 hops), so that a
+    # model from scratch learns to look facts up within a CPU budget (see the README)
+    n_nodes: int = 8
     min_depth: int = 3
-    max_depth: int = 4
-    n_extra: int = 3
+    max_depth: int = 3
+    n_extra: int = 2
     n_train: int = 20000
     n_test: int = 500
     # model (the same init for every mode)
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
-    pos: str = "learned"         # learned | rope | none (model.py)
+    pos: str = "rope"            # learned | rope | none (model.py); learned positions learn the look-up slower
     # Coconut
     c: int = 1                   # continuous thoughts per replaced language step
     max_stage: int = 6           # the paper's ProsQA setting; past the chain's length, all steps are latent
     reset_optimizer: bool = True  # a fresh optimizer at each stage, as the released code does
-    # optimisation: stage_steps per stage, (max_stage + 1) * stage_steps in all, for every mode
+    # optimisation, the same number of steps for every mode: cot_steps + max_stage * stage_steps.
+    # Stage 0 (the language chain) lasts cot_steps, each latent stage stage_steps.
     modes: str = "nocot,cot,coconut"
-    stage_steps: int = 300
+    cot_steps: int = 1500
+    stage_steps: int = 450
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -76,12 +84,12 @@ class Config:
         bad = [m for m in self.modes.split(",") if m not in ("nocot", "cot", "coconut")]
         if bad or not self.modes:
             raise ValueError(f"modes must be a comma list of nocot, cot, coconut; got {self.modes!r}")
-        for name in ("c", "stage_steps", "batch_size", "n_train", "n_test", "n_layer", "n_head", "n_embd",
+        for name in ("c", "cot_steps", "stage_steps", "batch_size", "n_train", "n_test", "n_layer", "n_head", "n_embd",
                      "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_stage < 0:
-            raise ValueError(f"max_stage must be >= 0, got {self.max_stage}")
+        if self.max_stage < 1:
+            raise ValueError(f"max_stage must be >= 1 (Coconut's latent stages), got {self.max_stage}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 
@@ -234,9 +242,10 @@ def generate_latent(model, tok, questions, n_latent, max_new_tokens, use_cache=T
 # ---- the script -----------------------------------------------------------------------------------
 
 def evaluate_mode(model, tok, mode, problems, cfg, max_new_tokens, batch_size=250):
-    """Held-out accuracy (greedy) and generated tokens per answer. For Coconut these are
-    <bot>, the max_stage * c thoughts, <eot> and the answer tokens (EOS included): every forward
-    pass after the question; for the language modes, the generated tokens (EOS included)."""
+    """Held-out accuracy (greedy) and generated tokens per answer (EOS included). For Coconut
+    these are the max_stage * c thoughts and the answer tokens, the paper's count (its ProsQA
+    Coconut figure, 14.2, is its 6 thoughts plus the 8.2 answer tokens of its no-CoT row): <bot>
+    and <eot> are placed, not generated, and <bot> costs no pass of its own (it ends the prompt)."""
     if mode != "coconut":
         return evaluate(model, tok, problems, prosqa.reward, max_new_tokens, batch_size=batch_size)
     K = cfg.max_stage * cfg.c
@@ -246,24 +255,24 @@ def evaluate_mode(model, tok, mode, problems, cfg, max_new_tokens, batch_size=25
         for ex, out in zip(chunk, generate_latent(model, tok, [p["prompt"] for p in chunk], K, max_new_tokens)):
             if out and out[-1] == tok.eos_id:
                 correct += prosqa.reward(ex["prompt"], tok.decode(out[:-1]))
-            tokens += 2 + K + len(out)
+            tokens += K + len(out)
     return {"accuracy": correct / len(problems), "mean_tokens": tokens / len(problems)}
 
 
-def train_mode(mode, cfg, tok, train, test, device, metrics, block_size, max_new_tokens):
-    """One mode from the shared seeded init, (max_stage + 1) * stage_steps AdamW steps on batches
-    drawn in the same seeded order. Coconut moves to the next curriculum stage every stage_steps."""
-    torch.manual_seed(cfg.seed)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=cfg.n_layer,
-                          n_head=cfg.n_head, n_embd=cfg.n_embd, pos=cfg.pos)).to(device)
-    data_rng = random.Random(cfg.seed)
-    total = (cfg.max_stage + 1) * cfg.stage_steps
-    optimizer, t0 = None, time.time()
+def new_model(cfg, tok, block_size, device):
+    torch.manual_seed(cfg.seed)  # the same init for every mode
+    return GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=cfg.n_layer,
+                         n_head=cfg.n_head, n_embd=cfg.n_embd, pos=cfg.pos)).to(device)
+
+
+def train_steps(model, optimizer, mode, stages, cfg, tok, train, data_rng, device, metrics, first_step=0):
+    """AdamW steps on batches of cfg.batch_size drawn from train with data_rng; stages[i] is the
+    curriculum stage of step first_step + i (Coconut; the language modes ignore it). A fresh
+    optimizer at each new stage when cfg.reset_optimizer (Coconut only). Returns the optimizer."""
     guard = StepGuard(cfg.max_bad_steps, metrics, f"coconut ({mode})")
-    bar = tqdm(range(total), desc=mode)
-    for step in bar:
-        stage = step // cfg.stage_steps
-        if optimizer is None or (mode == "coconut" and cfg.reset_optimizer and step % cfg.stage_steps == 0):
+    bar = tqdm(enumerate(stages, first_step), total=len(stages), desc=mode)
+    for step, stage in bar:
+        if mode == "coconut" and cfg.reset_optimizer and (step == first_step or stage != stages[step - first_step - 1]):
             optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type=device.type)
         for group in optimizer.param_groups:  # warm up over the first 100 steps, then constant
             group["lr"] = cfg.lr * min(1.0, (step + 1) / 100)
@@ -280,14 +289,9 @@ def train_mode(mode, cfg, tok, train, test, device, metrics, block_size, max_new
         if not guard.skip(step + 1, grad_norm, loss):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        metrics.log(mode=mode, step=step + 1, stage=stage, loss=loss.item(), grad_norm=grad_norm.item(),
-                    elapsed=time.time() - t0)
+        metrics.log(mode=mode, step=step + 1, stage=stage, loss=loss.item(), grad_norm=grad_norm.item())
         bar.set_postfix(loss=f"{loss.item():.3f}", stage=stage, refresh=False)
-    minutes = (time.time() - t0) / 60
-    res = evaluate_mode(model, tok, mode, test, cfg, max_new_tokens)
-    metrics.log(mode=mode, step=total, eval_accuracy=res["accuracy"], eval_mean_tokens=res["mean_tokens"],
-                train_minutes=minutes)
-    return model, {**res, "train_minutes": round(minutes, 2)}
+    return optimizer
 
 
 def main():
@@ -305,18 +309,53 @@ def main():
     max_new_tokens = max(len(tok.encode(ex["cot"])) for ex in train + test) + 8
     # the longest training sequence: question, <bot>, the most thoughts, <eot>, the whole chain
     block_size = 16 * math.ceil((longest + 2 + cfg.max_stage * cfg.c + max_new_tokens) / 16)
+    total = cfg.cot_steps + cfg.max_stage * cfg.stage_steps
     run_dir = make_run_dir(cfg.out_dir, "coconut", cfg)
     metrics = Metrics(run_dir)
     print(f"coconut: ProsQA-style {knobs}, {len(train)} train / {len(test)} held-out graphs, questions of "
-          f"{longest} tokens, block {block_size}, {(cfg.max_stage + 1) * cfg.stage_steps} steps per mode, "
+          f"{longest} tokens, block {block_size}, {total} steps per mode, "
           f"device {d.device}, run dir {run_dir}")
-    results = {}
-    for mode in cfg.modes.split(","):
-        model, results[mode] = train_mode(mode, cfg, tok, train, test, d.device, metrics, block_size,
-                                          max_new_tokens)
+    modes, results = cfg.modes.split(","), {}
+
+    def finish(mode, model, minutes):
+        res = evaluate_mode(model, tok, mode, test, cfg, max_new_tokens)
+        metrics.log(mode=mode, step=total, eval_accuracy=res["accuracy"], eval_mean_tokens=res["mean_tokens"],
+                    train_minutes=minutes)
         save_checkpoint(os.path.join(run_dir, "ckpt"), mode, model, tok)
-        print(f"{mode}: held-out accuracy {results[mode]['accuracy']:.3f}, {results[mode]['mean_tokens']:.1f} "
-              f"tokens per answer, {results[mode]['train_minutes']:.1f} min of training", flush=True)
+        results[mode] = {**res, "train_minutes": round(minutes, 2)}
+        print(f"{mode}: held-out accuracy {res['accuracy']:.3f}, {res['mean_tokens']:.1f} tokens per answer, "
+              f"{minutes:.1f} min of training", flush=True)
+
+    latent_steps = cfg.max_stage * cfg.stage_steps
+    if "nocot" in modes:
+        model, t0 = new_model(cfg, tok, block_size, d.device), time.time()
+        train_steps(model, model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type=d.device.type),
+                    "nocot", [0] * total, cfg, tok, train, random.Random(cfg.seed), d.device, metrics)
+        finish("nocot", model, (time.time() - t0) / 60)
+    if "cot" in modes or "coconut" in modes:
+        # Stage 0 is the language chain for cot_steps steps, shared: the CoT model goes on with it,
+        # Coconut's curriculum starts from this point (as the released GSM8K config starts
+        # Coconut from a CoT checkpoint). Both then get latent_steps more: the same budget.
+        model, t0, data_rng = new_model(cfg, tok, block_size, d.device), time.time(), random.Random(cfg.seed)
+        optimizer = train_steps(model, model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type=d.device.type),
+                                "cot", [0] * cfg.cot_steps, cfg, tok, train, data_rng, d.device, metrics)
+        stage0_minutes = (time.time() - t0) / 60
+        snapshot = copy.deepcopy((model.state_dict(), optimizer.state_dict(), data_rng.getstate()))
+        if "cot" in modes:
+            t0 = time.time()
+            train_steps(model, optimizer, "cot", [0] * latent_steps, cfg, tok, train, data_rng, d.device, metrics,
+                        first_step=cfg.cot_steps)
+            finish("cot", model, stage0_minutes + (time.time() - t0) / 60)
+        if "coconut" in modes:
+            model.load_state_dict(snapshot[0])
+            optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type=d.device.type)
+            optimizer.load_state_dict(snapshot[1])  # kept only when reset_optimizer is off
+            data_rng.setstate(snapshot[2])
+            t0 = time.time()
+            stages = [1 + i // cfg.stage_steps for i in range(latent_steps)]
+            train_steps(model, optimizer, "coconut", stages, cfg, tok, train, data_rng, d.device, metrics,
+                        first_step=cfg.cot_steps)
+            finish("coconut", model, stage0_minutes + (time.time() - t0) / 60)
     names = {"nocot": "no-CoT", "cot": "CoT", "coconut": f"Coconut (c={cfg.c}, {cfg.max_stage} stages)"}
     print("\n| mode | held-out accuracy | tokens per answer | training minutes |\n|---|---|---|---|")
     for mode, r in results.items():
@@ -324,7 +363,7 @@ def main():
     result = {f"{m}_accuracy": r["accuracy"] for m, r in results.items()}
     result.update({f"{m}_tokens": r["mean_tokens"] for m, r in results.items() if m != "nocot"})
     result.update({f"{m}_train_minutes": r["train_minutes"] for m, r in results.items()})
-    result.update(peak_rss_mb=peak_rss_mb(), steps_per_mode=(cfg.max_stage + 1) * cfg.stage_steps)
+    result.update(peak_rss_mb=peak_rss_mb(), steps_per_mode=total)
     print_result(run_dir, result)
     teardown_distributed()
 

@@ -87,7 +87,8 @@ def test_cached_latent_generation_equals_full_recompute(n_latent):
 @pytest.mark.parametrize("kw, msg", [
     (dict(modes="cot,foo"), "modes must be"),
     (dict(c=0), "c must be >= 1"),
-    (dict(max_stage=-1), "max_stage"),
+    (dict(max_stage=0), "max_stage must be >= 1"),
+    (dict(cot_steps=0), "cot_steps must be >= 1"),
     (dict(lr=0.0), "lr must be > 0"),
 ])
 def test_config_rejects_bad_values(kw, msg):
@@ -95,20 +96,44 @@ def test_config_rejects_bad_values(kw, msg):
         coconut.Config(**kw)
 
 
-def test_smoke_run_prints_the_table_and_result(tmp_path):
+def run_tiny(out_dir, *args):
     env = {**os.environ, "PYTHONPATH": ROOT}
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "algos", "coconut.py"), "--n_train=60", "--n_test=10",
-                        "--n_layer=1", "--n_embd=32", "--n_head=2", "--stage_steps=2", "--max_stage=2",
-                        "--batch_size=4", f"--out_dir={tmp_path / 'run'}", "--device=cpu"],
-                       capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "algos", "coconut.py"), "--n_train=60", "--n_test=10",
+                           "--n_layer=1", "--n_embd=32", "--n_head=2", "--cot_steps=3", "--stage_steps=2",
+                           "--max_stage=2", "--batch_size=4", f"--out_dir={out_dir}", "--device=cpu", *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_smoke_run_prints_the_table_and_result(tmp_path):
+    p = run_tiny(tmp_path / "run")
     lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
     assert p.returncode == 0 and len(lines) == 1, p.stderr[-3000:]
     res = json.loads(lines[0][len("RESULT "):])
     for key in ("nocot_accuracy", "cot_accuracy", "coconut_accuracy", "cot_tokens", "coconut_tokens"):
         assert res[key] is not None, key
-    assert res["coconut_tokens"] >= 2 + 2 + 1  # <bot>, 2 thoughts, <eot>, at least one token after
+    assert res["coconut_tokens"] >= 2 + 1  # 2 thoughts, at least one token after <eot>
     assert "| CoT |" in p.stdout and "| no-CoT |" in p.stdout
     rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
-    assert [r["stage"] for r in rows if r.get("mode") == "coconut" and "loss" in r] == [0, 0, 1, 1, 2, 2]
+    # stage 0 (3 steps of the chain) is shared: CoT goes on with it, Coconut's stages start from it
+    assert [(r["step"], r["stage"]) for r in rows if r.get("mode") == "cot" and "loss" in r] == [
+        (s, 0) for s in range(1, 8)]
+    assert [(r["step"], r["stage"]) for r in rows if r.get("mode") == "coconut" and "loss" in r] == [
+        (4, 1), (5, 1), (6, 2), (7, 2)]
     for mode in ("nocot", "cot", "coconut"):
         assert os.path.isdir(tmp_path / "run" / "ckpt" / mode)
+
+
+def test_coconut_alone_equals_coconut_after_cot(tmp_path):
+    """Coconut's curriculum starts from the CoT run's state after cot_steps (weights, optimizer,
+    data order): a run of Coconut alone gives the same final weights as one that trains CoT
+    first, and CoT's own steps after the snapshot do not leak into Coconut's start."""
+    from plumbing import load_model
+    weights = {}
+    for modes in ("cot,coconut", "coconut"):
+        p = run_tiny(tmp_path / modes, f"--modes={modes}", "--reset_optimizer=false")
+        assert p.returncode == 0, p.stderr[-3000:]
+        weights[modes] = load_model(str(tmp_path / modes / "ckpt" / "coconut")).state_dict()
+    cot = load_model(str(tmp_path / "cot,coconut" / "ckpt" / "cot")).state_dict()
+    for name, w in weights["coconut"].items():
+        assert torch.equal(w, weights["cot,coconut"][name]), name
+    assert any(not torch.equal(w, cot[n]) for n, w in weights["coconut"].items())

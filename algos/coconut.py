@@ -270,10 +270,11 @@ def train_steps(model, optimizer, mode, stages, cfg, tok, train, data_rng, devic
     curriculum stage of step first_step + i (Coconut; the language modes ignore it). A fresh
     optimizer at each new stage when cfg.reset_optimizer (Coconut only). Returns the optimizer."""
     guard = StepGuard(cfg.max_bad_steps, metrics, f"coconut ({mode})")
-    bar = tqdm(enumerate(stages, first_step), total=len(stages), desc=mode)
+    bar, previous = tqdm(enumerate(stages, first_step), total=len(stages), desc=mode), None
     for step, stage in bar:
-        if mode == "coconut" and cfg.reset_optimizer and (step == first_step or stage != stages[step - first_step - 1]):
+        if mode == "coconut" and cfg.reset_optimizer and stage != previous:
             optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type=device.type)
+        previous = stage
         for group in optimizer.param_groups:  # warm up over the first 100 steps, then constant
             group["lr"] = cfg.lr * min(1.0, (step + 1) / 100)
         examples = data_rng.choices(train, k=cfg.batch_size)

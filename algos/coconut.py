@@ -265,6 +265,10 @@ def new_model(cfg, tok, block_size, device):
                          n_head=cfg.n_head, n_embd=cfg.n_embd, pos=cfg.pos)).to(device)
 
 
+def new_optimizer(model, cfg, device):
+    return model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type=device.type)
+
+
 def train_steps(model, optimizer, mode, stages, cfg, tok, train, data_rng, device, metrics, first_step=0):
     """AdamW steps on batches of cfg.batch_size drawn from train with data_rng; stages[i] is the
     curriculum stage of step first_step + i (Coconut; the language modes ignore it). A fresh
@@ -273,7 +277,7 @@ def train_steps(model, optimizer, mode, stages, cfg, tok, train, data_rng, devic
     bar, previous = tqdm(enumerate(stages, first_step), total=len(stages), desc=mode), None
     for step, stage in bar:
         if mode == "coconut" and cfg.reset_optimizer and stage != previous:
-            optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type=device.type)
+            optimizer = new_optimizer(model, cfg, device)
         previous = stage
         for group in optimizer.param_groups:  # warm up over the first 100 steps, then constant
             group["lr"] = cfg.lr * min(1.0, (step + 1) / 100)
@@ -330,7 +334,7 @@ def main():
     latent_steps = cfg.max_stage * cfg.stage_steps
     if "nocot" in modes:
         model, t0 = new_model(cfg, tok, block_size, d.device), time.time()
-        train_steps(model, model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type=d.device.type),
+        train_steps(model, new_optimizer(model, cfg, d.device),
                     "nocot", [0] * total, cfg, tok, train, random.Random(cfg.seed), d.device, metrics)
         finish("nocot", model, (time.time() - t0) / 60)
     if "cot" in modes or "coconut" in modes:
@@ -338,7 +342,7 @@ def main():
         # Coconut's curriculum starts from this point (as the released GSM8K config starts
         # Coconut from a CoT checkpoint). Both then get latent_steps more: the same budget.
         model, t0, data_rng = new_model(cfg, tok, block_size, d.device), time.time(), random.Random(cfg.seed)
-        optimizer = train_steps(model, model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type=d.device.type),
+        optimizer = train_steps(model, new_optimizer(model, cfg, d.device),
                                 "cot", [0] * cfg.cot_steps, cfg, tok, train, data_rng, d.device, metrics)
         stage0_minutes = (time.time() - t0) / 60
         snapshot = copy.deepcopy((model.state_dict(), optimizer.state_dict(), data_rng.getstate()))
@@ -349,7 +353,7 @@ def main():
             finish("cot", model, stage0_minutes + (time.time() - t0) / 60)
         if "coconut" in modes:
             model.load_state_dict(snapshot[0])
-            optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, device_type=d.device.type)
+            optimizer = new_optimizer(model, cfg, d.device)
             optimizer.load_state_dict(snapshot[1])  # kept only when reset_optimizer is off
             data_rng.setstate(snapshot[2])
             t0 = time.time()

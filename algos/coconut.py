@@ -10,7 +10,10 @@ next input embedding (no projection, no token in between):
 
     question <bot> [h_1] [h_2] ... [h_k] <eot> remaining steps ### answer <eos>
 
-where h_1 is the final hidden state at <bot> and h_{i+1} the one at h_i. Training follows the
+where h_1 is the final hidden state at <bot> and h_{i+1} the one at h_i. One departure from the
+paper, on by default (rescale_thoughts): each thought is scaled to the token embeddings' mean
+norm, direction kept, nothing learned; without it this small model's thoughts after the first
+carry nothing (thought() says why; the README has both runs). Training follows the
 paper's curriculum: stage 0 is the language chain; stage s replaces the first s steps of the
 chain by s * c thoughts (all of them once s reaches the chain's length; the thoughts are padded
 to s * c, as the paper does for ProsQA), up to max_stage; the loss is on the language tokens
@@ -63,6 +66,7 @@ class Config:
     pos: str = "rope"            # learned | rope | none (model.py); learned positions learn the look-up slower
     # Coconut
     c: int = 1                   # continuous thoughts per replaced language step
+    rescale_thoughts: bool = True  # a thought set to the token embeddings' mean norm, direction kept (see thought())
     max_stage: int = 6           # the paper's ProsQA setting; past the chain's length, all steps are latent
     reset_optimizer: bool = True  # a fresh optimizer at each stage, as the released code does
     # optimisation, the same number of steps for every mode: cot_steps + max_stage * stage_steps.
@@ -96,6 +100,19 @@ class Config:
 
 # ---- the latent forward: k thoughts in k + 1 passes ---------------------------------------------
 
+def thought(model, h, rescale):
+    """The next input embedding made of last-layer hidden states h (..., C). The paper feeds h as
+    is. Here, by default, h is scaled to the mean norm of the token embeddings, its direction
+    kept and nothing learned: after ln_f, h is ~16x longer than an embedding (its logits against
+    the tied embeddings must be large), and a from-scratch 4-layer model then learns to ignore
+    every thought after the first (replacing thought 2 by noise costs nothing) and the
+    all-latent stages stay at no-CoT accuracy. Scaled, a thought enters like a token. README."""
+    if not rescale:
+        return h
+    scale = model.transformer.wte.weight.detach().norm(dim=-1).mean()
+    return h * (scale / h.norm(dim=-1, keepdim=True))
+
+
 class TrainCache(KVCache):
     """sampler.KVCache's slot layout (slot = position, a query sees its row's slots 0..p), but
     written out of place, so that the keys and values of earlier passes stay in the autograd
@@ -127,7 +144,7 @@ def latent_batch(tok, examples, stage, c):
     return prompts, stage * c, rest
 
 
-def latent_loss(model, prompts, n_latent, rest, pad_id):
+def latent_loss(model, prompts, n_latent, rest, pad_id, rescale=True):
     """Mean cross-entropy of the tokens after <eot> (what follows the thoughts), with n_latent
     continuous thoughts between <bot> and <eot>. Rows are right-padded; row b's thought i sits at
     position L_b + i (L_b = its prompt length), its rest after them.
@@ -144,9 +161,9 @@ def latent_loss(model, prompts, n_latent, rest, pad_id):
         idx[b, :len(p)] = torch.tensor(p)
     rows = torch.arange(B, device=device)
     h = model.hidden(idx, positions=torch.arange(T0, device=device).expand(B, T0), cache=cache)
-    thought = h[rows, plen - 1][:, None]  # (B, 1, C)
+    th = thought(model, h[rows, plen - 1][:, None], rescale)  # (B, 1, C)
     for i in range(n_latent - 1):
-        thought = model.hidden(embeds=thought, positions=(plen + i)[:, None], cache=cache)
+        th = thought(model, model.hidden(embeds=th, positions=(plen + i)[:, None], cache=cache), rescale)
     r_idx = torch.full((B, R), pad_id, dtype=torch.long, device=device)
     targets = torch.full((B, R), -100, dtype=torch.long, device=device)
     for b, r in enumerate(rest):
@@ -155,14 +172,14 @@ def latent_loss(model, prompts, n_latent, rest, pad_id):
     x = model.transformer.wte(r_idx)
     start = plen + max(n_latent - 1, 0)  # where the last pass begins: thought k, or <eot>
     if n_latent > 0:
-        x = torch.cat([thought, x], dim=1)
+        x = torch.cat([th, x], dim=1)
         targets = torch.cat([torch.full((B, 1), -100, dtype=torch.long, device=device), targets], dim=1)
     h = model.hidden(embeds=x, positions=start[:, None] + torch.arange(x.size(1), device=device), cache=cache)
     logits = model.lm_head(h)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
 
-def latent_loss_reference(model, prompts, n_latent, rest):
+def latent_loss_reference(model, prompts, n_latent, rest, rescale=True):
     """The slow, obvious twin of latent_loss: one row at a time, each thought computed by a full
     forward over everything before it (no cache), the sequence growing one embedding at a time."""
     device = next(model.parameters()).device
@@ -170,7 +187,7 @@ def latent_loss_reference(model, prompts, n_latent, rest):
     for p, r in zip(prompts, rest):
         x = model.transformer.wte(torch.tensor([p], device=device))
         for _ in range(n_latent):
-            x = torch.cat([x, model.hidden(embeds=x)[:, -1:]], dim=1)
+            x = torch.cat([x, thought(model, model.hidden(embeds=x)[:, -1:], rescale)], dim=1)
         x = torch.cat([x, model.transformer.wte(torch.tensor([r], device=device))], dim=1)
         logits = model.lm_head(model.hidden(embeds=x))[0]
         first = len(p) + n_latent  # the position of <eot>
@@ -183,7 +200,7 @@ def latent_loss_reference(model, prompts, n_latent, rest):
 # ---- generation through the thoughts ---------------------------------------------------------------
 
 @torch.no_grad()
-def generate_latent(model, tok, questions, n_latent, max_new_tokens, use_cache=True):
+def generate_latent(model, tok, questions, n_latent, max_new_tokens, use_cache=True, rescale=True):
     """Greedy answers after n_latent continuous thoughts: BOS + question + <bot>, the thoughts,
     <eot>, then tokens until EOS. Batched over questions with a KV cache (use_cache=False: the
     slow twin, a full forward over the growing sequence for each row at every step). Returns the
@@ -198,7 +215,7 @@ def generate_latent(model, tok, questions, n_latent, max_new_tokens, use_cache=T
         for p in prompts:
             x = model.transformer.wte(torch.tensor([p], device=device))
             for _ in range(n_latent):
-                x = torch.cat([x, model.hidden(embeds=x)[:, -1:]], dim=1)
+                x = torch.cat([x, thought(model, model.hidden(embeds=x)[:, -1:], rescale)], dim=1)
             x = torch.cat([x, model.transformer.wte(torch.tensor([[eot]], device=device))], dim=1)
             out = []
             for _ in range(max_new_tokens):
@@ -221,7 +238,7 @@ def generate_latent(model, tok, questions, n_latent, max_new_tokens, use_cache=T
     h = model.hidden(idx, positions=torch.arange(T0, device=device).expand(B, T0), cache=cache)[rows, plen - 1]
     pos = plen
     for _ in range(n_latent):  # thought i in at position L + i - 1, thought i + 1 out
-        h = model.hidden(embeds=h[:, None], positions=pos[:, None], cache=cache)[:, 0]
+        h = model.hidden(embeds=thought(model, h[:, None], rescale), positions=pos[:, None], cache=cache)[:, 0]
         pos = pos + 1
     tok_in = torch.full((B,), eot, dtype=torch.long, device=device)
     outs = [[] for _ in range(B)]
@@ -252,7 +269,8 @@ def evaluate_mode(model, tok, mode, problems, cfg, max_new_tokens, batch_size=25
     correct, tokens = 0.0, 0
     for i in range(0, len(problems), batch_size):
         chunk = problems[i:i + batch_size]
-        for ex, out in zip(chunk, generate_latent(model, tok, [p["prompt"] for p in chunk], K, max_new_tokens)):
+        questions = [p["prompt"] for p in chunk]
+        for ex, out in zip(chunk, generate_latent(model, tok, questions, K, max_new_tokens, rescale=cfg.rescale_thoughts)):
             if out and out[-1] == tok.eos_id:
                 correct += prosqa.reward(ex["prompt"], tok.decode(out[:-1]))
             tokens += K + len(out)
@@ -284,7 +302,7 @@ def train_steps(model, optimizer, mode, stages, cfg, tok, train, data_rng, devic
         examples = data_rng.choices(train, k=cfg.batch_size)
         with autocast(device):
             if mode == "coconut":
-                loss = latent_loss(model, *latent_batch(tok, examples, stage, cfg.c), tok.pad_id)
+                loss = latent_loss(model, *latent_batch(tok, examples, stage, cfg.c), tok.pad_id, cfg.rescale_thoughts)
             else:
                 batch = [{"prompt": ex["prompt"], "answer": ex["cot" if mode == "cot" else "answer"]}
                          for ex in examples]

@@ -34,17 +34,17 @@ def ragged_examples():
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3, 6])
-@pytest.mark.parametrize("pos", ["learned", "rope"])
-def test_latent_loss_equals_the_step_by_step_reference(stage, pos):
+@pytest.mark.parametrize("pos, rescale", [("learned", True), ("rope", True), ("learned", False)])
+def test_latent_loss_equals_the_step_by_step_reference(stage, pos, rescale):
     """The cached k + 1-pass forward against full recomputes that grow the sequence one thought
     at a time: same loss and same gradients (float64), ragged rows, stages past the chain length."""
     model = tiny_model(pos=pos).double()
     prompts, n_latent, rest = coconut.latent_batch(TOK, ragged_examples(), stage, c=2 if stage == 2 else 1)
     assert len({len(p) for p in prompts}) == 3
     params = list(model.parameters())
-    fast = coconut.latent_loss(model, prompts, n_latent, rest, TOK.pad_id)
+    fast = coconut.latent_loss(model, prompts, n_latent, rest, TOK.pad_id, rescale)
     g_fast = torch.autograd.grad(fast, params)
-    slow = coconut.latent_loss_reference(model, prompts, n_latent, rest)
+    slow = coconut.latent_loss_reference(model, prompts, n_latent, rest, rescale)
     g_slow = torch.autograd.grad(slow, params)
     assert torch.allclose(fast, slow, rtol=1e-6, atol=1e-7)  # the cross-entropy runs in float32
     for a, b in zip(g_fast, g_slow):
@@ -72,16 +72,29 @@ def test_latent_batch_curriculum():
         assert prompts[0] == [TOK.bos_id] + TOK.encode(ex["prompt"] + " <bot>") and rest[0][-1] == TOK.eos_id
 
 
-@pytest.mark.parametrize("n_latent", [0, 1, 4])
-def test_cached_latent_generation_equals_full_recompute(n_latent):
+@pytest.mark.parametrize("n_latent, rescale", [(0, True), (1, True), (4, True), (4, False)])
+def test_cached_latent_generation_equals_full_recompute(n_latent, rescale):
     model = tiny_model(seed=3)
     questions = [ex["prompt"] for ex in ragged_examples()]
-    fast = coconut.generate_latent(model, TOK, questions, n_latent, max_new_tokens=12)
-    slow = coconut.generate_latent(model, TOK, questions, n_latent, max_new_tokens=12, use_cache=False)
+    fast = coconut.generate_latent(model, TOK, questions, n_latent, max_new_tokens=12, rescale=rescale)
+    slow = coconut.generate_latent(model, TOK, questions, n_latent, max_new_tokens=12, use_cache=False,
+                                   rescale=rescale)
     assert fast == slow
     assert len({tuple(o) for o in fast}) > 1  # the rows really differ
-    if n_latent:  # the thoughts change what is generated
-        assert fast != coconut.generate_latent(model, TOK, questions, 0, max_new_tokens=12)
+    if n_latent:  # the thoughts change what is generated, and so does their scale
+        assert fast != coconut.generate_latent(model, TOK, questions, 0, max_new_tokens=12, rescale=rescale)
+        assert fast != coconut.generate_latent(model, TOK, questions, n_latent, max_new_tokens=12,
+                                               rescale=not rescale)
+
+
+def test_thought_keeps_the_direction_at_the_embeddings_norm():
+    model = tiny_model()
+    h = torch.randn(3, 1, 32) * torch.tensor([0.1, 5.0, 40.0])[:, None, None]
+    t = coconut.thought(model, h, rescale=True)
+    mean_norm = model.transformer.wte.weight.norm(dim=-1).mean()
+    assert torch.allclose(t.norm(dim=-1), mean_norm.expand(3, 1), rtol=1e-5)
+    assert torch.allclose(torch.cosine_similarity(t, h, dim=-1), torch.ones(3, 1), atol=1e-6)
+    assert coconut.thought(model, h, rescale=False) is h  # the paper's feedback: the hidden state as is
 
 
 @pytest.mark.parametrize("kw, msg", [

@@ -105,8 +105,8 @@ def thought(model, h, rescale):
     is. Here, by default, h is scaled to the mean norm of the token embeddings, its direction
     kept and nothing learned: after ln_f, h is ~16x longer than an embedding (its logits against
     the tied embeddings must be large), and a from-scratch 4-layer model then learns to ignore
-    every thought after the first (replacing thought 2 by noise costs nothing) and the
-    all-latent stages stay at no-CoT accuracy. Scaled, a thought enters like a token. README."""
+    every thought after the first (replacing thought 2 by noise costs nothing). From a finished
+    CoT model, the all-latent stage 3 after 300 steps: 60% raw, 98% scaled (README)."""
     if not rescale:
         return h
     scale = model.transformer.wte.weight.detach().norm(dim=-1).mean()

@@ -97,6 +97,21 @@ def test_thought_keeps_the_direction_at_the_embeddings_norm():
     assert coconut.thought(model, h, rescale=False) is h  # the paper's feedback: the hidden state as is
 
 
+@pytest.mark.parametrize("mode, reset, steps", [("coconut", True, 3), ("coconut", False, 5), ("cot", True, 5)])
+def test_optimizer_is_fresh_at_each_stage_only_for_coconut(tmp_path, mode, reset, steps):
+    """reset_optimizer: a new AdamW when Coconut's stage changes (its moments start from zero),
+    so after stages [1, 1, 2, 2, 2] the optimizer has taken 3 steps; the language modes, and
+    Coconut with the reset off, keep one optimizer for all 5."""
+    import random
+    from plumbing import Metrics
+    cfg = coconut.Config(batch_size=2, reset_optimizer=reset)
+    model = tiny_model()
+    optimizer = coconut.new_optimizer(model, cfg, torch.device("cpu"))
+    optimizer = coconut.train_steps(model, optimizer, mode, [1, 1, 2, 2, 2], cfg, TOK, ragged_examples(),
+                                    random.Random(0), torch.device("cpu"), Metrics(str(tmp_path)))
+    assert {int(s["step"]) for s in optimizer.state.values()} == {steps}
+
+
 @pytest.mark.parametrize("kw, msg", [
     (dict(modes="cot,foo"), "modes must be"),
     (dict(c=0), "c must be >= 1"),

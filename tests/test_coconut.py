@@ -97,6 +97,20 @@ def test_thought_keeps_the_direction_at_the_embeddings_norm():
     assert coconut.thought(model, h, rescale=False) is h  # the paper's feedback: the hidden state as is
 
 
+def test_evaluation_generates_with_the_configured_feedback():
+    """evaluate_mode counts the tokens of generate_latent run with cfg.rescale_thoughts; on this
+    model the two feedbacks stop at different lengths, so a count made with the other one differs."""
+    model, problems = tiny_model(seed=1), ragged_examples()
+    counts = {}
+    for rescale in (True, False):
+        cfg = coconut.Config(max_stage=2, c=1, rescale_thoughts=rescale)
+        res = coconut.evaluate_mode(model, TOK, "coconut", problems, cfg, max_new_tokens=12)
+        outs = coconut.generate_latent(model, TOK, [p["prompt"] for p in problems], 2, 12, rescale=rescale)
+        assert res["mean_tokens"] == sum(2 + len(o) for o in outs) / len(problems)
+        counts[rescale] = res["mean_tokens"]
+    assert counts[True] != counts[False]
+
+
 @pytest.mark.parametrize("mode, reset, steps", [("coconut", True, 3), ("coconut", False, 5), ("cot", True, 5)])
 def test_optimizer_is_fresh_at_each_stage_only_for_coconut(tmp_path, mode, reset, steps):
     """reset_optimizer: a new AdamW when Coconut's stage changes (its moments start from zero),

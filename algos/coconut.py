@@ -10,10 +10,9 @@ next input embedding (no projection, no token in between):
 
     question <bot> [h_1] [h_2] ... [h_k] <eot> remaining steps ### answer <eos>
 
-where h_1 is the final hidden state at <bot> and h_{i+1} the one at h_i. One departure from the
-paper, on by default (rescale_thoughts): each thought is scaled to the token embeddings' mean
-norm, direction kept, nothing learned; without it this small model's thoughts after the first
-carry nothing (thought() says why; the README has both runs). Training follows the
+where h_1 is the final hidden state at <bot> and h_{i+1} the one at h_i. An option the paper does
+not have, off by default (rescale_thoughts): each thought scaled to the token embeddings' mean
+norm, direction kept, nothing learned (thought() says what it did and did not change). Training follows the
 paper's curriculum: stage 0 is the language chain; stage s replaces the first s steps of the
 chain by s * c thoughts (all of them once s reaches the chain's length; the thoughts are padded
 to s * c, as the paper does for ProsQA), up to max_stage; the loss is on the language tokens
@@ -66,7 +65,7 @@ class Config:
     pos: str = "rope"            # learned | rope | none (model.py); learned positions learn the look-up slower
     # Coconut
     c: int = 1                   # continuous thoughts per replaced language step
-    rescale_thoughts: bool = True  # a thought set to the token embeddings' mean norm, direction kept (see thought())
+    rescale_thoughts: bool = False  # true: a thought set to the token embeddings' mean norm, direction kept (thought())
     max_stage: int = 6           # the paper's ProsQA setting; past the chain's length, all steps are latent
     reset_optimizer: bool = True  # a fresh optimizer at each stage, as the released code does
     # optimisation, the same number of steps for every mode: cot_steps + max_stage * stage_steps.
@@ -101,12 +100,12 @@ class Config:
 # ---- the latent forward: k thoughts in k + 1 passes ---------------------------------------------
 
 def thought(model, h, rescale):
-    """The next input embedding made of last-layer hidden states h (..., C). The paper feeds h as
-    is. Here, by default, h is scaled to the mean norm of the token embeddings, its direction
-    kept and nothing learned: after ln_f, h is ~16x longer than an embedding (its logits against
-    the tied embeddings must be large), and a from-scratch 4-layer model then learns to ignore
-    every thought after the first (replacing thought 2 by noise costs nothing). From a finished
-    CoT model, the all-latent stage 3 after 300 steps: 60% raw, 98% scaled (README)."""
+    """The next input embedding made of last-layer hidden states h (..., C): h as is, as in the
+    paper, or with rescale h scaled to the mean norm of the token embeddings, direction kept and
+    nothing learned. After ln_f, h is ~16x longer than an embedding (its logits against the tied
+    embeddings must be large). The scaling was meant to make thoughts readable as inputs; measured
+    (README), it does not make this 4-layer model chain them: from one finished CoT model the
+    all-latent stage 3 reached 98% once and 57.5% in an equal-loss rerun, 60% unscaled."""
     if not rescale:
         return h
     scale = model.transformer.wte.weight.detach().norm(dim=-1).mean()
@@ -144,7 +143,7 @@ def latent_batch(tok, examples, stage, c):
     return prompts, stage * c, rest
 
 
-def latent_loss(model, prompts, n_latent, rest, pad_id, rescale=True):
+def latent_loss(model, prompts, n_latent, rest, pad_id, rescale=False):
     """Mean cross-entropy of the tokens after <eot> (what follows the thoughts), with n_latent
     continuous thoughts between <bot> and <eot>. Rows are right-padded; row b's thought i sits at
     position L_b + i (L_b = its prompt length), its rest after them.
@@ -179,7 +178,7 @@ def latent_loss(model, prompts, n_latent, rest, pad_id, rescale=True):
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
 
-def latent_loss_reference(model, prompts, n_latent, rest, rescale=True):
+def latent_loss_reference(model, prompts, n_latent, rest, rescale=False):
     """The slow, obvious twin of latent_loss: one row at a time, each thought computed by a full
     forward over everything before it (no cache), the sequence growing one embedding at a time."""
     device = next(model.parameters()).device
@@ -200,7 +199,7 @@ def latent_loss_reference(model, prompts, n_latent, rest, rescale=True):
 # ---- generation through the thoughts ---------------------------------------------------------------
 
 @torch.no_grad()
-def generate_latent(model, tok, questions, n_latent, max_new_tokens, use_cache=True, rescale=True):
+def generate_latent(model, tok, questions, n_latent, max_new_tokens, use_cache=True, rescale=False):
     """Greedy answers after n_latent continuous thoughts: BOS + question + <bot>, the thoughts,
     <eot>, then tokens until EOS. Batched over questions with a KV cache (use_cache=False: the
     slow twin, a full forward over the growing sequence for each row at every step). Returns the

@@ -34,7 +34,7 @@ def ragged_examples():
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3, 6])
-@pytest.mark.parametrize("pos, rescale", [("learned", True), ("rope", True), ("learned", False)])
+@pytest.mark.parametrize("pos, rescale", [("learned", False), ("rope", False), ("learned", True)])
 def test_latent_loss_equals_the_step_by_step_reference(stage, pos, rescale):
     """The cached k + 1-pass forward against full recomputes that grow the sequence one thought
     at a time: same loss and same gradients (float64), ragged rows, stages past the chain length."""
@@ -72,7 +72,7 @@ def test_latent_batch_curriculum():
         assert prompts[0] == [TOK.bos_id] + TOK.encode(ex["prompt"] + " <bot>") and rest[0][-1] == TOK.eos_id
 
 
-@pytest.mark.parametrize("n_latent, rescale", [(0, True), (1, True), (4, True), (4, False)])
+@pytest.mark.parametrize("n_latent, rescale", [(0, False), (1, False), (4, False), (4, True)])
 def test_cached_latent_generation_equals_full_recompute(n_latent, rescale):
     model = tiny_model(seed=3)
     questions = [ex["prompt"] for ex in ragged_examples()]

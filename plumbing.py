@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -234,7 +235,38 @@ def save_checkpoint(ckpt_dir, name, model, tokenizer=None, optimizer=None, state
     os.replace(tmp, final)
     shutil.rmtree(f"{final}.old{os.getpid()}", ignore_errors=True)
     atomic_write_text(os.path.join(ckpt_dir, "latest"), name)
+    _remove_leftovers(ckpt_dir)
     return final
+
+
+def _remove_leftovers(ckpt_dir):
+    """Delete what a process killed mid-save left in ckpt_dir: <name>.tmp<pid>, a checkpoint never
+    renamed into place (`latest` never named it), and <name>.old<pid>, the one a re-save replaced,
+    once <name> exists again. Only for a <pid> not running here. A kill between the two renames
+    above leaves <name>.old<pid> without <name>: the pair is then the only copy, and stays."""
+    def dead(pid):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, OverflowError):
+            pass  # alive under another user, or too large to be a pid: leave it
+        return False
+
+    entries = set(os.listdir(ckpt_dir))
+    for entry in entries:
+        m = re.fullmatch(r"(.+)\.(tmp|old)(\d+)", entry)
+        if not m or int(m.group(3)) == os.getpid() or not dead(int(m.group(3))):
+            continue
+        name, pid = m.group(1), m.group(3)
+        if name not in entries and f"{name}.old{pid}" in entries:
+            continue
+        path = os.path.join(ckpt_dir, entry)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
 
 
 def _fault_point(where):

@@ -128,6 +128,38 @@ def test_killed_mid_write_leaves_a_loadable_checkpoint(tmp_path):
         assert load_state(d)["step"] == i
 
 
+KILLED_SAVER = """
+import sys, torch
+sys.path.insert(0, sys.argv[2])
+from model import GPT, GPTConfig
+from plumbing import save_checkpoint
+m = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8))
+save_checkpoint(sys.argv[1], "step_0", m)
+save_checkpoint(sys.argv[1], "step_1", m)  # POSTTRAIN_FAULT=save:step_1 kills it before the rename
+"""
+
+
+def test_next_save_removes_what_a_killed_save_left(tmp_path):
+    """A process killed mid-save leaves step_1.tmp<pid>; the next save in that directory removes
+    it, and leftovers that are the only copy of a checkpoint (or belong to a live process) stay."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    d = tmp_path / "ckpt"
+    proc = subprocess.run([sys.executable, "-c", KILLED_SAVER, str(d), root],
+                          env={**os.environ, "POSTTRAIN_FAULT": "save:step_1"})
+    assert proc.returncode == -signal.SIGKILL
+    dead = [e for e in os.listdir(d) if e.startswith("step_1.tmp")]
+    assert len(dead) == 1 and (d / "latest").read_text() == "step_0"
+    pid = dead[0][len("step_1.tmp"):]
+    # the kill between the two renames of a re-save: x.old<pid> holds the only copy of x
+    for e in (f"x.old{pid}", f"x.tmp{pid}", f"y.tmp{os.getppid()}"):
+        (d / e).mkdir()
+    (d / f"latest.tmp{pid}").write_text("step_0")
+    save_checkpoint(d, "step_2", GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8)))
+    assert sorted(os.listdir(d)) == sorted(["step_0", "step_2", "latest", f"x.old{pid}", f"x.tmp{pid}",
+                                            f"y.tmp{os.getppid()}"])
+    assert resolve_checkpoint(str(d)).endswith("step_2")
+
+
 def test_metrics_and_plot(tmp_path):
     pytest.importorskip("matplotlib")
     m = Metrics(tmp_path)

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import plumbing
+from data.jsonl import write_jsonl
 from data.tokenizers import CharTokenizer
 from model import GPT, GPTConfig
 from plumbing import Metrics, StepGuard, load_model, save_checkpoint
@@ -316,7 +317,7 @@ def test_sft_under_torchrun_with_two_processes_equals_one(tmp_path):
     assert len(la) == len(lb) == 20 and max(abs(x - y) for x, y in zip(la, lb)) < 1e-4
 
 
-def check_torchrun_equals_one(name, args, tmp_path, optimizer_steps, same, close):
+def check_torchrun_equals_one(name, args, tmp_path, optimizer_steps, same, close, rows=9):
     """The run on 2 gloo processes vs 1 (from a weak adder, lr 1e-4): the same RESULT, the metrics
     keys `same` equal in every row and `close` within 1e-5, and every weight within 1e-6 but
     one: the key bias of attention (c_attn.bias[C:2C]) has a true gradient of exactly 0 (softmax
@@ -340,7 +341,7 @@ def check_torchrun_equals_one(name, args, tmp_path, optimizer_steps, same, close
     assert any((a[k] - start[k]).abs().max() > 1e-4 for k in a)  # the run did move the weights
     assert two == one
     ra, rb = metric_rows(tmp_path / "one"), metric_rows(tmp_path / "two")
-    assert [r["step"] for r in ra] == [r["step"] for r in rb] and len(ra) == 9
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] and len(ra) == rows
     for x, y in zip(ra, rb):
         assert x.keys() == y.keys()
         for k in same:
@@ -374,6 +375,22 @@ def test_ppo_under_torchrun_with_two_processes_equals_one(tmp_path):
                                       "--critic=separate", "--target_kl=0.01"], tmp_path, 6 * 4, SAME,
                               ("grad_norm", "policy_loss", "value_loss", "approx_kl", "kl", "beta", "entropy",
                                "clip_frac", "value_clip_frac", "ratio_mean", "ratio_max"))
+
+
+def test_dpo_under_torchrun_with_two_processes_equals_one(tmp_path):
+    """Offline DPO with the IRPO NLL term, 2 gloo ranks vs 1: each rank takes every other pair of
+    the global batch and the summed gradients are the global mean's; the reference is run per
+    step (ref_cache off), on each rank for its own pairs. 2 epochs of 36 pairs in batches of 8."""
+    pairs = tmp_path / "pairs.jsonl"
+    write_jsonl(pairs, [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1 + a % 2)}
+                        for a in range(10) for b in range(4)])
+    check_torchrun_equals_one("dpo", [f"--data={pairs}", "--digits=1", "--n_train=40", "--n_test=10",
+                                      "--batch_size=8", "--epochs=2", "--eval_every=3", "--lr=1e-4", "--alpha=1",
+                                      "--ref_cache=False"], tmp_path, 8,
+                              ("eval_accuracy", "eval_mean_tokens", "val_logp_accuracy"),
+                              ("loss", "reward_accuracy", "chosen_reward", "rejected_reward", "margin", "nll",
+                               "grad_norm", "val_reward_accuracy", "val_margin"),
+                              rows=8 + 4)  # 8 steps; evaluations at steps 0, 3, 6 and 8
 
 
 def test_ppo_killed_twice_resumes_to_the_same_run_and_is_deterministic(tmp_path):

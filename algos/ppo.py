@@ -151,14 +151,16 @@ def value_loss(values, old_values, returns, weights, eps_v):
     return loss, frac.item()
 
 
-def explained_variance(values, returns, mask):
-    """1 - Var(R - V) / Var(R) over valid tokens: 1 is a perfect critic, 0 no better than a constant."""
-    n = mask.sum()
-
-    def var(x):
-        m = (x * mask).sum() / n
-        return (((x - m) * mask) ** 2).sum() / n
-    return (1 - var(returns - values) / var(returns).clamp(min=1e-8)).item()
+def explained_variance(values, returns, mask, world_size=1):
+    """1 - Var(R - V) / Var(R) over valid tokens: 1 is a perfect critic, 0 no better than a constant.
+    Under torchrun over every rank's tokens, as masked_whiten."""
+    err = returns - values
+    sums = torch.stack([mask.sum(), (returns * mask).sum(), (err * mask).sum()])
+    all_reduce_(sums, world_size)
+    n = sums[0]
+    sq = torch.stack([(((returns - sums[1] / n) * mask) ** 2).sum(), (((err - sums[2] / n) * mask) ** 2).sum()])
+    all_reduce_(sq, world_size)
+    return (1 - sq[1] / sq[0].clamp(min=1e-8 * n)).item()
 
 
 def adapt_beta(beta, kl, target, n_steps, horizon):
@@ -277,7 +279,7 @@ def main():
             rewards[every, last_tok] += batch.rewards
             adv, returns = gae(rewards, old_values * mask, mask, cfg.gamma, cfg.lam)
             adv_used = masked_whiten(adv, mask, world_size=d.world_size) if cfg.whiten else adv
-            ev = explained_variance(old_values, returns, mask)
+            ev = explained_variance(old_values, returns, mask, d.world_size)
 
         # 3. ppo_epochs x minibatches of whole groups, drawn over the global batch (this rank holds
         # groups lo..hi-1 of it), so they do not depend on how it is split

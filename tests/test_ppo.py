@@ -96,6 +96,10 @@ def test_explained_variance_and_adaptive_beta():
     ret = torch.tensor([[1.0, 3.0, 0.0]])
     assert math.isclose(ppo.explained_variance(ret.clone(), ret, mask), 1.0)
     assert math.isclose(ppo.explained_variance(torch.full((1, 3), 2.0), ret, mask), 0.0, abs_tol=1e-7)
+    # returns 1, 3, 5 (variance 8/3), values 1, 3, 3: errors 0, 0, 2 (variance 8/9), so 1 - 1/3
+    values, returns = torch.tensor([[1.0, 3.0, 3.0, 9.0]]), torch.tensor([[1.0, 3.0, 5.0, 0.0]])
+    assert math.isclose(ppo.explained_variance(values, returns, torch.tensor([[1.0, 1.0, 1.0, 0.0]])), 2 / 3,
+                        rel_tol=1e-6)
     assert math.isclose(ppo.adapt_beta(0.1, kl=0.04, target=0.02, n_steps=100, horizon=1000), 0.1 * 1.02)
     assert math.isclose(ppo.adapt_beta(0.1, kl=0.019, target=0.02, n_steps=100, horizon=1000),
                         0.1 * (1 - 0.05 * 0.1))

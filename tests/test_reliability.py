@@ -374,7 +374,7 @@ def test_ppo_under_torchrun_with_two_processes_equals_one(tmp_path):
     check_torchrun_equals_one("ppo", [*SMALL_RUN, "--samples_per_prompt=4", "--ppo_epochs=2", "--minibatches=2",
                                       "--critic=separate", "--target_kl=0.01"], tmp_path, 6 * 4, SAME,
                               ("grad_norm", "policy_loss", "value_loss", "approx_kl", "kl", "beta", "entropy",
-                               "clip_frac", "value_clip_frac", "ratio_mean", "ratio_max"))
+                               "clip_frac", "value_clip_frac", "ratio_mean", "ratio_max", "explained_variance"))
 
 
 def test_dpo_under_torchrun_with_two_processes_equals_one(tmp_path):

@@ -75,6 +75,7 @@ class Config:
     stage_steps: int = 450
     batch_size: int = 32
     lr: float = 1e-3
+    latent_lr: float = 1e-3      # Coconut's stages 1..max_stage (stage 0 is the CoT run's, at lr); see the README
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     max_bad_steps: int = 5     # non-finite steps in a row before the run stops (plumbing.StepGuard)
@@ -93,8 +94,9 @@ class Config:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_stage < 1:
             raise ValueError(f"max_stage must be >= 1 (Coconut's latent stages), got {self.max_stage}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name in ("lr", "latent_lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
 # ---- the latent forward: k thoughts in k + 1 passes ---------------------------------------------
@@ -290,15 +292,17 @@ def new_optimizer(model, cfg, device):
 def train_steps(model, optimizer, mode, stages, cfg, tok, train, data_rng, device, metrics, first_step=0):
     """AdamW steps on batches of cfg.batch_size drawn from train with data_rng; stages[i] is the
     curriculum stage of step first_step + i (Coconut; the language modes ignore it). A fresh
-    optimizer at each new stage when cfg.reset_optimizer (Coconut only). Returns the optimizer."""
+    optimizer at each new stage when cfg.reset_optimizer, and cfg.latent_lr (Coconut only).
+    Returns the optimizer."""
     guard = StepGuard(cfg.max_bad_steps, metrics, f"coconut ({mode})")
     bar, previous = tqdm(enumerate(stages, first_step), total=len(stages), desc=mode), None
     for step, stage in bar:
         if mode == "coconut" and cfg.reset_optimizer and stage != previous:
             optimizer = new_optimizer(model, cfg, device)
         previous = stage
+        lr = cfg.latent_lr if mode == "coconut" else cfg.lr
         for group in optimizer.param_groups:  # warm up over the first 100 steps, then constant
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / 100)
+            group["lr"] = lr * min(1.0, (step + 1) / 100)
         examples = data_rng.choices(train, k=cfg.batch_size)
         with autocast(device):
             if mode == "coconut":

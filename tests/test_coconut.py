@@ -126,12 +126,27 @@ def test_optimizer_is_fresh_at_each_stage_only_for_coconut(tmp_path, mode, reset
     assert {int(s["step"]) for s in optimizer.state.values()} == {steps}
 
 
+@pytest.mark.parametrize("mode, lr", [("coconut", 2e-4), ("cot", 1e-3)])
+def test_latent_stages_train_at_latent_lr(tmp_path, mode, lr):
+    """Coconut's latent stages step at latent_lr; the language modes (and so Coconut's stage 0,
+    which is the CoT run's) at lr. Past the 100 warm-up steps, the AdamW's lr is the value itself."""
+    import random
+    from plumbing import Metrics
+    cfg = coconut.Config(batch_size=2, lr=1e-3, latent_lr=2e-4)
+    model = tiny_model()
+    optimizer = coconut.train_steps(model, coconut.new_optimizer(model, cfg, torch.device("cpu")), mode, [1, 2], cfg,
+                                    TOK, ragged_examples(), random.Random(0), torch.device("cpu"),
+                                    Metrics(str(tmp_path)), first_step=200)
+    assert [g["lr"] for g in optimizer.param_groups] == [lr] * len(optimizer.param_groups)
+
+
 @pytest.mark.parametrize("kw, msg", [
     (dict(modes="cot,foo"), "modes must be"),
     (dict(c=0), "c must be >= 1"),
     (dict(max_stage=0), "max_stage must be >= 1"),
     (dict(cot_steps=0), "cot_steps must be >= 1"),
     (dict(lr=0.0), "lr must be > 0"),
+    (dict(latent_lr=-1e-4), "latent_lr must be > 0"),
 ])
 def test_config_rejects_bad_values(kw, msg):
     with pytest.raises(ValueError, match=msg):

@@ -19,6 +19,9 @@ to s * c, as the paper does for ProsQA), up to max_stage; the loss is on the lan
 after <eot> only. k thoughts need k + 1 forward passes, each reusing the keys and values of the
 ones before (TrainCache), and gradients flow back through every thought. Generation runs
 max_stage * c thoughts, then <eot>, then greedy decoding, batched with sampler.py's KV cache.
+After each latent stage but the last, the first stage_eval held-out questions are answered with
+that stage's thoughts (printed, and in metrics.jsonl) to show where the curriculum breaks; nothing
+is chosen on them.
 
 Stage 0 lasts cot_steps and is the CoT model's own training: Coconut's stages start from the CoT
 run's weights, optimizer and data order at that step (the released code starts Coconut from a
@@ -68,6 +71,7 @@ class Config:
     rescale_thoughts: bool = False  # true: a thought set to the token embeddings' mean norm, direction kept (thought())
     max_stage: int = 6           # the paper's ProsQA setting; past the chain's length, all steps are latent
     reset_optimizer: bool = True  # a fresh optimizer at each stage, as the released code does
+    stage_eval: int = 200        # held-out questions answered after each latent stage (0: none); monitoring only
     # optimisation, the same number of steps for every mode: cot_steps + max_stage * stage_steps.
     # Stage 0 (the language chain) lasts cot_steps, each latent stage stage_steps.
     modes: str = "nocot,cot,coconut"
@@ -88,6 +92,8 @@ class Config:
         bad = [m for m in self.modes.split(",") if m not in ("nocot", "cot", "coconut")]
         if bad or not self.modes:
             raise ValueError(f"modes must be a comma list of nocot, cot, coconut; got {self.modes!r}")
+        if self.stage_eval < 0:
+            raise ValueError(f"stage_eval must be >= 0, got {self.stage_eval}")
         for name in ("c", "cot_steps", "stage_steps", "batch_size", "n_train", "n_test", "n_layer", "n_head", "n_embd",
                      "max_bad_steps"):
             if getattr(self, name) < 1:
@@ -260,14 +266,16 @@ def generate_latent(model, tok, questions, n_latent, max_new_tokens, use_cache=T
 
 # ---- the script -----------------------------------------------------------------------------------
 
-def evaluate_mode(model, tok, mode, problems, cfg, max_new_tokens, batch_size=250):
+def evaluate_mode(model, tok, mode, problems, cfg, max_new_tokens, batch_size=250, stage=None):
     """Held-out accuracy (greedy) and generated tokens per answer (EOS included). For Coconut
-    these are the max_stage * c thoughts and the answer tokens, the paper's count (its ProsQA
-    Coconut figure, 14.2, is its 6 thoughts plus the 8.2 answer tokens of its no-CoT row): <bot>
-    and <eot> are placed, not generated, and <bot> costs no pass of its own (it ends the prompt)."""
+    these are the stage * c thoughts (stage: max_stage unless given) and the tokens after <eot>,
+    the paper's count (its ProsQA Coconut figure, 14.2, is its 6 thoughts plus the 8.2 answer
+    tokens of its no-CoT row): <bot> and <eot> are placed, not generated, and <bot> costs no
+    pass of its own (it ends the prompt). Before the last stage the tokens after <eot> include
+    the chain's steps still in language."""
     if mode != "coconut":
         return evaluate(model, tok, problems, prosqa.reward, max_new_tokens, batch_size=batch_size)
-    K = cfg.max_stage * cfg.c
+    K = (cfg.max_stage if stage is None else stage) * cfg.c
     correct, tokens = 0.0, 0
     for i in range(0, len(problems), batch_size):
         chunk = problems[i:i + batch_size]
@@ -378,11 +386,21 @@ def main():
             optimizer = new_optimizer(model, cfg, d.device)
             optimizer.load_state_dict(snapshot[1])  # kept only when reset_optimizer is off
             data_rng.setstate(snapshot[2])
-            t0 = time.time()
-            stages = [1 + i // cfg.stage_steps for i in range(latent_steps)]
-            train_steps(model, optimizer, "coconut", stages, cfg, tok, train, data_rng, d.device, metrics,
-                        first_step=cfg.cot_steps)
-            finish("coconut", model, stage0_minutes + (time.time() - t0) / 60)
+            t0, eval_seconds = time.time(), 0.0
+            for stage in range(1, cfg.max_stage + 1):
+                optimizer = train_steps(model, optimizer, "coconut", [stage] * cfg.stage_steps, cfg, tok, train,
+                                        data_rng, d.device, metrics,
+                                        first_step=cfg.cot_steps + (stage - 1) * cfg.stage_steps)
+                if cfg.stage_eval and stage < cfg.max_stage:
+                    # where the curriculum breaks, if it does (README); no choice is made on it
+                    t1 = time.time()
+                    res = evaluate_mode(model, tok, "coconut", test[:cfg.stage_eval], cfg, max_new_tokens, stage=stage)
+                    eval_seconds += time.time() - t1
+                    metrics.log(mode="coconut", step=cfg.cot_steps + stage * cfg.stage_steps, stage=stage,
+                                stage_accuracy=res["accuracy"], stage_mean_tokens=res["mean_tokens"])
+                    print(f"coconut stage {stage} (thoughts: {stage * cfg.c}): held-out accuracy "
+                          f"{res['accuracy']:.3f} on {min(cfg.stage_eval, len(test))}", flush=True)
+            finish("coconut", model, stage0_minutes + (time.time() - t0 - eval_seconds) / 60)
     names = {"nocot": "no-CoT", "cot": "CoT", "coconut": f"Coconut (c={cfg.c}, {cfg.max_stage} stages)"}
     print("\n| mode | held-out accuracy | tokens per answer | training minutes |\n|---|---|---|---|")
     for mode, r in results.items():

@@ -111,6 +111,18 @@ def test_evaluation_generates_with_the_configured_feedback():
     assert counts[True] != counts[False]
 
 
+@pytest.mark.parametrize("stage, c", [(1, 1), (2, 2), (None, 2)])
+def test_evaluation_at_a_stage_runs_that_stages_thoughts(stage, c):
+    """evaluate_mode(stage=s) generates with s * c thoughts (the per-stage check), without a
+    stage with max_stage * c; the counts differ between them on this model."""
+    model, problems = tiny_model(seed=1), ragged_examples()
+    cfg = coconut.Config(max_stage=3, c=c)
+    res = coconut.evaluate_mode(model, TOK, "coconut", problems, cfg, max_new_tokens=12, stage=stage)
+    k = (3 if stage is None else stage) * c
+    outs = coconut.generate_latent(model, TOK, [p["prompt"] for p in problems], k, 12)
+    assert res["mean_tokens"] == sum(k + len(o) for o in outs) / len(problems)
+
+
 @pytest.mark.parametrize("mode, reset, steps", [("coconut", True, 3), ("coconut", False, 5), ("cot", True, 5)])
 def test_optimizer_is_fresh_at_each_stage_only_for_coconut(tmp_path, mode, reset, steps):
     """reset_optimizer: a new AdamW when Coconut's stage changes (its moments start from zero),
@@ -146,6 +158,7 @@ def test_latent_stages_train_at_latent_lr(tmp_path, mode, lr):
     (dict(max_stage=0), "max_stage must be >= 1"),
     (dict(cot_steps=0), "cot_steps must be >= 1"),
     (dict(lr=0.0), "lr must be > 0"),
+    (dict(stage_eval=-1), "stage_eval must be >= 0"),
     (dict(latent_lr=-1e-4), "latent_lr must be > 0"),
 ])
 def test_config_rejects_bad_values(kw, msg):
@@ -176,6 +189,9 @@ def test_smoke_run_prints_the_table_and_result(tmp_path):
         (s, 0) for s in range(1, 8)]
     assert [(r["step"], r["stage"]) for r in rows if r.get("mode") == "coconut" and "loss" in r] == [
         (4, 1), (5, 1), (6, 2), (7, 2)]
+    # after each latent stage but the last (which the final evaluation covers), the held-out check
+    assert [(r["step"], r["stage"]) for r in rows if "stage_accuracy" in r] == [(5, 1)]
+    assert "coconut stage 1 (thoughts: 1): held-out accuracy" in p.stdout
     for mode in ("nocot", "cot", "coconut"):
         assert os.path.isdir(tmp_path / "run" / "ckpt" / mode)
 
@@ -183,14 +199,16 @@ def test_smoke_run_prints_the_table_and_result(tmp_path):
 def test_coconut_alone_equals_coconut_after_cot(tmp_path):
     """Coconut's curriculum starts from the CoT run's state after cot_steps (weights, optimizer,
     data order): a run of Coconut alone gives the same final weights as one that trains CoT
-    first, and CoT's own steps after the snapshot do not leak into Coconut's start."""
+    first, and CoT's own steps after the snapshot do not leak into Coconut's start. The
+    held-out check after each stage (on in the first two runs) changes nothing either."""
     from plumbing import load_model
     weights = {}
-    for modes in ("cot,coconut", "coconut"):
-        p = run_tiny(tmp_path / modes, f"--modes={modes}", "--reset_optimizer=false")
+    for modes, extra in (("cot,coconut", ""), ("coconut", ""), ("coconut", "--stage_eval=0")):
+        p = run_tiny(tmp_path / (modes + extra), f"--modes={modes}", "--reset_optimizer=false", *extra.split())
         assert p.returncode == 0, p.stderr[-3000:]
-        weights[modes] = load_model(str(tmp_path / modes / "ckpt" / "coconut")).state_dict()
+        weights[modes + extra] = load_model(str(tmp_path / (modes + extra) / "ckpt" / "coconut")).state_dict()
     cot = load_model(str(tmp_path / "cot,coconut" / "ckpt" / "cot")).state_dict()
     for name, w in weights["coconut"].items():
         assert torch.equal(w, weights["cot,coconut"][name]), name
+        assert torch.equal(w, weights["coconut--stage_eval=0"][name]), name
     assert any(not torch.equal(w, cot[n]) for n, w in weights["coconut"].items())

@@ -114,7 +114,7 @@ def test_evaluation_generates_with_the_configured_feedback():
 @pytest.mark.parametrize("stage, c", [(1, 1), (2, 2), (None, 2)])
 def test_evaluation_at_a_stage_runs_that_stages_thoughts(stage, c):
     """evaluate_mode(stage=s) generates with s * c thoughts (the per-stage check), without a
-    stage with max_stage * c; the counts differ between them on this model."""
+    stage with max_stage * c (answering with max_stage * c at every stage fails the first two)."""
     model, problems = tiny_model(seed=1), ragged_examples()
     cfg = coconut.Config(max_stage=3, c=c)
     res = coconut.evaluate_mode(model, TOK, "coconut", problems, cfg, max_new_tokens=12, stage=stage)

@@ -70,7 +70,9 @@ class Config:
     c: int = 1                   # continuous thoughts per replaced language step
     rescale_thoughts: bool = False  # true: a thought set to the token embeddings' mean norm, direction kept (thought())
     max_stage: int = 6           # the paper's ProsQA setting; past the chain's length, all steps are latent
-    reset_optimizer: bool = True  # a fresh optimizer at each stage, as the released code does
+    # a fresh optimizer at each stage; the released code re-creates it every epoch (5 per stage on
+    # ProsQA), and a stage here is shorter than an epoch (450 x 32 of 20000 graphs), so once per stage
+    reset_optimizer: bool = True
     stage_eval: int = 200        # held-out questions answered after each latent stage (0: none); monitoring only
     # optimisation, the same number of steps for every mode: cot_steps + max_stage * stage_steps.
     # Stage 0 (the language chain) lasts cot_steps, each latent stage stage_steps.

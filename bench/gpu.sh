@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Every GPU check in one go, for a lent GPU box whose python3 already has torch:
-#   bash bench/gpu.sh [OUT_DIR] [build] [tests] [sampler] [logprob] [sft] [attention]   (none named: all)
+#   bash bench/gpu.sh [OUT_DIR] [build] [tests] [sampler] [logprob] [sft] [attention] [coconut]   (none named: all but coconut)
 # TESTS="tests/x.py ..." narrows the tests part. build: kernels.cu as kernels_cuda in place; tests: the suite, CUDA tests included; sampler:
 # bench/sampler.py in bf16; logprob: bench/logprob.py in bf16 (kernel vs torch paths); sft: a
 # larger SFT run (85M params, 4-digit addition) reporting step time and MFU; attention:
-# bench/attention.py in bf16 (CoPE and MTA vs standard attention at T = 1024, 2048).
+# bench/attention.py in bf16 (CoPE and MTA vs standard attention at T = 1024, 2048); coconut (only
+# when named; not yet run on a GPU): the Coconut / CoT / no-CoT comparison with the released ProsQA
+# config's schedule instead of the CPU's: batches of 128 (its 4 GPUs x 32), 5 epochs of the 20000
+# training graphs per latent stage (780 steps), 10 for stage 0. COCONUT_ARGS="--key=value ..." is
+# appended (a quick check of the command: COCONUT_ARGS="--device=cpu --cot_steps=2 --stage_steps=1").
 set -uo pipefail
 out=${1:-${OUT:-/tmp}}
 shift || true
@@ -18,6 +22,9 @@ for part in $parts; do
            python3 -c "import kernels; print('CUDA kernels built:', kernels.HAVE_CUDA_KERNELS)" ;;
     logprob) python3 bench/logprob.py --device=cuda --dtype=bfloat16 2>&1 | tee "$out/gpu_bench_logprob.txt" | tail -n 12 ;;
     tests) python3 -m pytest -q -p no:cacheprovider ${TESTS:-} 2>&1 | tee "$out/gpu_tests.txt" | tail -n 15 ;;
+    coconut) python3 algos/coconut.py --device=cuda --batch_size=128 --cot_steps=1560 --stage_steps=780 \
+               --out_dir="$out/coconut_gpu" ${COCONUT_ARGS:-} 2>&1 | tr '\r' '\n' | grep -E "^coconut|^\||RESULT|Error|error" | grep -vE "it/s|s/it"
+             rm -rf "$out/coconut_gpu/ckpt" ;;
     attention) python3 bench/attention.py --device=cuda --dtype=bfloat16 --batch=4 --n_head=16 2>&1 | tee "$out/gpu_bench_attention.txt" ;;
     sampler) python3 bench/sampler.py --device=cuda --dtype=bfloat16 2>&1 | tee "$out/gpu_bench_sampler.txt" | tail -n 6 ;;
     sft) python3 algos/sft.py --device=cuda --digits=4 --n_layer=12 --n_head=12 --n_embd=768 \

@@ -7,8 +7,11 @@
 # bench/attention.py in bf16 (CoPE and MTA vs standard attention at T = 1024, 2048); coconut (only
 # when named; not yet run on a GPU): the Coconut / CoT / no-CoT comparison with the released ProsQA
 # config's schedule instead of the CPU's: batches of 128 (its 4 GPUs x 32), 5 epochs of the 20000
-# training graphs per latent stage (780 steps), 10 for stage 0. COCONUT_ARGS="--key=value ..." is
-# appended (a quick check of the command: COCONUT_ARGS="--device=cpu --cot_steps=2 --stage_steps=1").
+# training graphs per latent stage (780 steps), 10 for stage 0 (released: 5 from GPT-2; here from
+# scratch, so lr stays 1e-3, not its 1e-4); the released config then trains 15 more epochs with all
+# 6 thoughts, 50 in all, which coconut.py has no knob for. COCONUT_ARGS is
+# appended ("--key=value ..."; a quick check of the command: COCONUT_ARGS="--device=cpu --cot_steps=2
+# --stage_steps=1").
 set -uo pipefail
 out=${1:-${OUT:-/tmp}}
 shift || true

@@ -8,10 +8,10 @@
 # when named; not yet run on a GPU): the Coconut / CoT / no-CoT comparison with the released ProsQA
 # config's schedule instead of the CPU's: batches of 128 (its 4 GPUs x 32), 5 epochs of the 20000
 # training graphs per latent stage (780 steps), 10 for stage 0 (released: 5 from GPT-2; here from
-# scratch, so lr stays 1e-3, not its 1e-4); the released config then trains 15 more epochs with all
-# 6 thoughts, 50 in all, which coconut.py has no knob for. COCONUT_ARGS is
-# appended ("--key=value ..."; a quick check of the command: COCONUT_ARGS="--device=cpu --cot_steps=2
-# --stage_steps=1").
+# scratch, so lr 1e-3, and 3e-4 for the latent stages, not its 1e-4); the released config then
+# trains 15 more epochs with all 6 thoughts, 50 in all, which coconut.py has no knob for.
+# COCONUT_ARGS is appended ("--key=value ..."; a quick check of the command:
+# COCONUT_ARGS="--device=cpu --cot_steps=2 --stage_steps=1").
 set -uo pipefail
 out=${1:-${OUT:-/tmp}}
 shift || true
@@ -25,7 +25,7 @@ for part in $parts; do
            python3 -c "import kernels; print('CUDA kernels built:', kernels.HAVE_CUDA_KERNELS)" ;;
     logprob) python3 bench/logprob.py --device=cuda --dtype=bfloat16 2>&1 | tee "$out/gpu_bench_logprob.txt" | tail -n 12 ;;
     tests) python3 -m pytest -q -p no:cacheprovider ${TESTS:-} 2>&1 | tee "$out/gpu_tests.txt" | tail -n 15 ;;
-    coconut) python3 algos/coconut.py --device=cuda --batch_size=128 --cot_steps=1560 --stage_steps=780 \
+    coconut) python3 algos/coconut.py --device=cuda --batch_size=128 --cot_steps=1560 --stage_steps=780 --latent_lr=3e-4 \
                --out_dir="$out/coconut_gpu" ${COCONUT_ARGS:-} 2>&1 | tr '\r' '\n' | grep -E "^coconut|^\||RESULT|Error|error" | grep -vE "it/s|s/it"
              rm -rf "$out/coconut_gpu/ckpt" ;;
     attention) python3 bench/attention.py --device=cuda --dtype=bfloat16 --batch=4 --n_head=16 2>&1 | tee "$out/gpu_bench_attention.txt" ;;

@@ -54,7 +54,7 @@ from sft import make_batch
 @dataclass
 class Config:
     # task (data/prosqa.py): much smaller graphs than the paper's (23 nodes, 3.8 hops), so that a
-    # model from scratch learns to look facts up within a CPU budget (see the README)
+    # model from scratch learns to look facts up within a CPU budget (README, docs/coconut.md)
     n_nodes: int = 8
     min_depth: int = 3
     max_depth: int = 3
@@ -81,7 +81,7 @@ class Config:
     stage_steps: int = 450
     batch_size: int = 32
     lr: float = 1e-3
-    latent_lr: float = 1e-3      # Coconut's stages 1..max_stage (stage 0 is the CoT run's, at lr); see the README
+    latent_lr: float = 1e-3      # Coconut's stages 1..max_stage (stage 0 is the CoT run's, at lr); docs/coconut.md
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     max_bad_steps: int = 5     # non-finite steps in a row before the run stops (plumbing.StepGuard)
@@ -114,7 +114,7 @@ def thought(model, h, rescale):
     paper, or with rescale h scaled to the mean norm of the token embeddings, direction kept and
     nothing learned. After ln_f, h is ~16x longer than an embedding (its logits against the tied
     embeddings must be large). The scaling was meant to make thoughts readable as inputs; measured
-    (README), it does not decide whether this 4-layer model chains them: from one finished CoT
+    (docs/coconut.md), it does not decide whether this 4-layer model chains them: from one finished CoT
     model, the all-latent stage 3 after 300 steps reached 98.0% scaled and 92.5% unscaled with one
     arrangement of the (equal) loss, 57.5% and 60.0% with the cached one below."""
     if not rescale:
